@@ -1,0 +1,20 @@
+//! # cots-encoders: what turns an image or a text into a vector?
+//!
+//! The two towers of the two-stream model and everything that builds them:
+//! [`vit`] and [`bert`] (Hugging Face architectures and tensor names),
+//! [`tokenizer`], [`two_stream`] (towers + projections + temperature, with
+//! presets), [`momentum`] (EMA copies), [`dvae`] (the visual tokenizer for
+//! masked vision modeling), [`cross`] (the single-stream cross-encoder
+//! baseline) and [`weights`] (loading checkpoints into trainable variables).
+
+pub mod bert;
+pub mod cross;
+pub mod dvae;
+mod error;
+pub mod momentum;
+pub mod tokenizer;
+pub mod two_stream;
+pub mod vit;
+pub mod weights;
+
+pub use error::{Error, Result};

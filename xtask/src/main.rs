@@ -1,0 +1,47 @@
+//! `cargo xtask`: how the project is built, checked and benchmarked.
+//!
+//! One file per command; anyhow throughout; no dependencies beyond anyhow so
+//! that `cargo xtask` itself builds in seconds.
+
+mod bench;
+mod ci;
+mod speedup;
+mod util;
+
+use anyhow::{bail, Result};
+
+const HELP: &str = "\
+cargo xtask <command> [args]
+
+Commands:
+  ci                 fmt check, clippy -D warnings, then the whole test suite (cheapest first)
+  bench [--quick]    criterion benchmarks and the speedup comparison; --quick is the
+                     few-minute version CI runs (fails on a broken benchmark, never on a slow machine)
+  speedup [args]     two-stream vs single-stream retrieval time (the paper's 10,800x claim);
+                     args go to the speedup binary (try `cargo xtask speedup --help`)
+";
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        print!("{HELP}");
+        return Ok(());
+    };
+    match cmd.as_str() {
+        "ci" => ci::run(rest),
+        "bench" => bench::run(rest),
+        "speedup" => speedup::run(rest),
+        "-h" | "--help" | "help" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
