@@ -28,6 +28,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("invalid config: {0}")]
     Config(String),
+    #[error("variable `{name}`: {message}")]
+    VarMismatch { name: String, message: String },
 }
 
 /// The result type of this crate.

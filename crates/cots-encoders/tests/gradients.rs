@@ -1,0 +1,229 @@
+//! Training-path checks: every variable of each tower receives a finite,
+//! non-zero gradient (our LayerNorm, softmax and dropout keep the graph
+//! intact), the momentum EMA is exact, and configs round-trip.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use cots_encoders::momentum::Momentum;
+use cots_encoders::two_stream::{self, TwoStream};
+use cots_encoders::{bert, vit};
+use cots_ops::SeededRng;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+/// A random linear functional of `x`: generic enough that no parameter's
+/// gradient vanishes by symmetry (a plain sum after LayerNorm would).
+fn probe(x: &Tensor) -> candle_core::Result<Tensor> {
+    let r = Tensor::randn(0f32, 1.0, x.shape(), x.device())?;
+    (x * r)?.sum_all()
+}
+
+fn assert_all_grads(vm: &VarMap, loss: &Tensor) -> TestResult {
+    let grads = loss.backward()?;
+    let vars = vm.data().lock().map_err(|_| "poisoned")?;
+    assert!(!vars.is_empty());
+    let mut missing = Vec::new();
+    for (name, var) in vars.iter() {
+        match grads.get(var.as_tensor()) {
+            None => missing.push(format!("{name}: no gradient")),
+            Some(g) => {
+                let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                if g.iter().any(|v| !v.is_finite()) {
+                    missing.push(format!("{name}: non-finite gradient"));
+                } else if g.iter().all(|&v| v == 0.0) {
+                    missing.push(format!("{name}: zero gradient"));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "variables without a usable gradient: {missing:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn vit_every_variable_gets_a_gradient() -> TestResult {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = vit::Config {
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        ..vit::Config::tiny()
+    };
+    let model = vit::VisionTransformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let n = model.num_patches();
+    let pixels = Tensor::randn(0f32, 1.0, (2, 3, cfg.image_size, cfg.image_size), &dev)?;
+    // Half of each image's patches are masked so the mask token is used.
+    let mask: Vec<u8> = (0..2 * n).map(|i| (i % 2) as u8).collect();
+    let mask = Tensor::from_vec(mask, (2, n), &dev)?;
+    let rng = SeededRng::new(1);
+    let out = model.forward(&pixels, Some(&mask), Some(&rng))?;
+    assert_eq!(out.dims(), &[2, 1 + n, cfg.hidden_size]);
+    assert_all_grads(&vm, &probe(&out)?)
+}
+
+#[test]
+fn bert_every_variable_gets_a_gradient() -> TestResult {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = bert::Config::tiny(50);
+    let model = bert::BertModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let ids = Tensor::new(&[[2u32, 7, 9, 11, 3], [2, 13, 3, 0, 0]], &dev)?;
+    let types = Tensor::new(&[[0u32, 0, 0, 1, 1], [0, 1, 1, 0, 0]], &dev)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev)?;
+    let rng = SeededRng::new(2);
+    let out = model.forward(&ids, Some(&types), Some(&mask), Some(&rng))?;
+    assert_eq!(out.dims(), &[2, 5, cfg.hidden_size]);
+    assert_all_grads(&vm, &probe(&out)?)
+}
+
+#[test]
+fn two_stream_every_variable_gets_a_gradient() -> TestResult {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = two_stream::Config::tiny(40);
+    let model = TwoStream::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let s = cfg.vision.image_size;
+    let pixels = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?;
+    let n = cfg.vision.num_patches();
+    let mask = Tensor::from_vec(
+        (0..3 * n).map(|i| (i % 3 == 0) as u32).collect::<Vec<_>>(),
+        (3, n),
+        &dev,
+    )?;
+    let ids = Tensor::new(&[[2u32, 7, 9, 3], [2, 13, 3, 0], [2, 5, 6, 3]], &dev)?;
+    let am = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], &dev)?;
+    let rng = SeededRng::new(3);
+    let img = model.encode_image(&pixels, Some(&mask), Some(&rng))?;
+    let txt = model.encode_text(&ids, Some(&am), Some(&rng))?;
+    assert_eq!(img.embed.dims(), &[3, cfg.embed_dim]);
+    assert_eq!(txt.embed.dims(), &[3, cfg.embed_dim]);
+    assert_eq!(txt.hidden.dims(), &[3, 4, cfg.text.hidden_size]);
+    let norms = img.embed.sqr()?.sum(1)?.to_vec1::<f32>()?;
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "{norms:?}");
+    let temp = model.temperature()?;
+    assert!((temp.to_scalar::<f32>()? - 0.07).abs() < 1e-7);
+    // An InfoNCE loss over the batch: the way the towers are trained.
+    let logits = img.embed.matmul(&txt.embed.t()?)?.broadcast_div(&temp)?;
+    let targets = Tensor::arange(0u32, 3, &dev)?;
+    let loss = (candle_nn::loss::cross_entropy(&logits, &targets)?
+        + candle_nn::loss::cross_entropy(&logits.t()?, &targets)?)?;
+    assert_all_grads(&vm, &loss)
+}
+
+#[test]
+fn temperature_is_clamped() -> TestResult {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let model = TwoStream::new(
+        &two_stream::Config::tiny(40),
+        VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )?;
+    let temp = vm.data().lock().map_err(|_| "poisoned")?["temp"].clone();
+    temp.set(&Tensor::new(3.0f32, &dev)?)?;
+    assert_eq!(model.temperature()?.to_scalar::<f32>()?, 0.5);
+    temp.set(&Tensor::new(-1.0f32, &dev)?)?;
+    assert_eq!(model.temperature()?.to_scalar::<f32>()?, 0.001);
+    Ok(())
+}
+
+fn tiny_two_stream(dev: &Device) -> Result<VarMap, Box<dyn std::error::Error>> {
+    let vm = VarMap::new();
+    TwoStream::new(
+        &two_stream::Config::tiny(40),
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+    )?;
+    Ok(vm)
+}
+
+fn values(v: &Var) -> candle_core::Result<Vec<f32>> {
+    v.as_tensor().flatten_all()?.to_vec1::<f32>()
+}
+
+#[test]
+fn momentum_update_is_the_ema_for_every_variable() -> TestResult {
+    let dev = Device::Cpu;
+    let online = tiny_two_stream(&dev)?;
+    let momentum = tiny_two_stream(&dev)?;
+    let ema = Momentum::new(&online, &momentum)?;
+    assert_eq!(ema.pairs.len(), online.all_vars().len());
+    let before: Vec<Vec<f32>> = ema
+        .pairs
+        .iter()
+        .map(|(_, m)| values(m))
+        .collect::<candle_core::Result<_>>()?;
+    let m = 0.9;
+    ema.update(m)?;
+    let mut checked = 0;
+    for ((name, (o, mv)), old) in ema.names().iter().zip(&ema.pairs).zip(&before) {
+        let (o, new) = (values(o)?, values(mv)?);
+        for ((&o, &n), &p) in o.iter().zip(&new).zip(old) {
+            let want = m as f32 * p + (1.0 - m as f32) * o;
+            assert!(
+                (n - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{name}: {n} vs {want}"
+            );
+            checked += 1;
+        }
+        // Two independent random inits differ, so an update that did
+        // nothing would fail the check above for randomly initialised vars.
+    }
+    assert!(checked > 10_000);
+    ema.copy_from_online()?;
+    for (o, mv) in &ema.pairs {
+        assert_eq!(values(o)?, values(mv)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn momentum_reports_mismatched_variables() -> TestResult {
+    let dev = Device::Cpu;
+    let online = tiny_two_stream(&dev)?;
+    let momentum = tiny_two_stream(&dev)?;
+    VarBuilder::from_varmap(&momentum, DType::F32, &dev).get((2, 2), "stray")?;
+    let err = Momentum::new(&online, &momentum).expect_err("extra variable must be an error");
+    assert!(err.to_string().contains("stray"), "{err}");
+    let shaped = VarMap::new();
+    VarBuilder::from_varmap(&shaped, DType::F32, &dev).get((2, 3), "w")?;
+    let other = VarMap::new();
+    VarBuilder::from_varmap(&other, DType::F32, &dev).get((3, 2), "w")?;
+    let err = Momentum::new(&shaped, &other).expect_err("shape mismatch must be an error");
+    assert!(err.to_string().contains("`w`"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn configs_round_trip_through_toml_and_json() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for cfg in [
+        two_stream::Config::tiny(123),
+        two_stream::Config::small(4567),
+        two_stream::Config::base(),
+    ] {
+        for ext in ["toml", "json"] {
+            let path = dir.path().join(format!("cfg.{ext}"));
+            cfg.save(&path)?;
+            assert_eq!(two_stream::Config::load(&path)?, cfg, "{ext}");
+        }
+    }
+    // A Hugging Face config.json with only the required keys gets BERT's defaults.
+    let hf = r#"{"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 4, "intermediate_size": 64,
+                 "model_type": "bert", "hidden_act": "gelu_new"}"#;
+    let cfg: bert::Config = serde_json::from_str(hf)?;
+    assert_eq!(cfg.hidden_act, bert::Activation::GeluTanh);
+    assert_eq!(cfg.type_vocab_size, 2);
+    assert_eq!(cfg.max_position_embeddings, 512);
+    assert_eq!(cfg.layer_norm_eps, 1e-12);
+    let bad = two_stream::Config {
+        temp_init: 2.0,
+        ..two_stream::Config::tiny(10)
+    };
+    let path = dir.path().join("bad.json");
+    bad.save(&path)?;
+    assert!(two_stream::Config::load(&path).is_err());
+    Ok(())
+}

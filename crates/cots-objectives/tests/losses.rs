@@ -1,0 +1,736 @@
+//! Every loss against a direct formula written with plain loops over f64,
+//! values and gradients (finite differences of the direct formula), on fresh
+//! seeded random inputs.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+use cots_objectives::clip::{Clip, ClipConfig};
+use cots_objectives::itc::{Itc, ItcConfig};
+use cots_objectives::itm::{Itm, ItmConfig};
+use cots_objectives::kl::{Kl, KlConfig};
+use cots_objectives::mvlm::{self, Mvlm, MvlmConfig};
+use cots_objectives::vse::{Vse, VseConfig};
+use cots_objectives::*;
+use cots_ops::queue::KlDirection;
+
+const B: usize = 4;
+const E: usize = 5;
+const K: usize = 8;
+
+/// Online and momentum embeddings, ids, and a half-filled lockstep queue.
+struct Fix {
+    f: Mat,
+    t: Mat,
+    fm: Mat,
+    tm: Mat,
+    ids: Vec<u32>,
+    tau: f64,
+    qi: Mat,
+    qt: Mat,
+    qids: Vec<u32>,
+    queue: SharedQueue,
+}
+
+fn fixture(seed: u64) -> Fix {
+    let mut r = rng(seed);
+    let (f, t, fm, tm) = (
+        unit_rows(&mut r, B, E),
+        unit_rows(&mut r, B, E),
+        unit_rows(&mut r, B, E),
+        unit_rows(&mut r, B, E),
+    );
+    // Rows 1 and 2 are two captions of image 1.
+    let ids = vec![0, 1, 1, 2];
+    let mut q = LockstepQueue::new(&QueueConfig { size: K, seed }, E, DType::F64, &Device::Cpu)
+        .expect("queue");
+    // One past batch: slots 0..4 get ids that match some rows; 4..8 stay empty.
+    let past_ids = Tensor::new(&[1u32, 7, 2, 0], &Device::Cpu).expect("ids");
+    q.enqueue(
+        &tensor(&unit_rows(&mut r, B, E)),
+        &tensor(&unit_rows(&mut r, B, E)),
+        &past_ids,
+        None,
+    )
+    .expect("enqueue");
+    let v = q.view();
+    Fix {
+        f,
+        t,
+        fm,
+        tm,
+        ids,
+        tau: 0.05 + 0.1 * rand::Rng::random::<f64>(&mut r),
+        qi: mat(&v.image),
+        qt: mat(&v.text),
+        qids: v.ids.to_vec1::<u32>().expect("ids"),
+        queue: SharedQueue::new(q),
+    }
+}
+
+fn ids_tensor(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu).expect("ids")
+}
+
+/// Runs `obj` on the fixture with `f`, `t`, `tau` as variables; checks each
+/// term against `reference(f, t, tau)` and the gradient of the terms' sum
+/// against finite differences of the reference's sum.
+fn check(
+    obj: &mut dyn Objective,
+    fx: &Fix,
+    weights: Option<&[f32]>,
+    reference: impl Fn(&Mat, &Mat, f64) -> Vec<f64>,
+) {
+    let (fv, tv) = (var(&fx.f), var(&fx.t));
+    let tau = Var::from_tensor(&Tensor::new(fx.tau, &Device::Cpu).expect("tau")).expect("tau");
+    let (fm, tm, ids) = (tensor(&fx.fm), tensor(&fx.tm), ids_tensor(&fx.ids));
+    let w = weights.map(|w| Tensor::new(w, &Device::Cpu).expect("weights"));
+    let x = StepInputs {
+        image_embed: fv.as_tensor(),
+        text_embed: tv.as_tensor(),
+        image_embed_m: Some(&fm),
+        text_embed_m: Some(&tm),
+        image_ids: &ids,
+        temperature: tau.as_tensor(),
+        pair_weights: w.as_ref(),
+        mlm: None,
+        mvm: None,
+        itm: None,
+    };
+    let terms = obj.losses(&x).expect("losses");
+    let got: Vec<f64> = terms.iter().map(|t| scalar(&t.value)).collect();
+    let want = reference(&fx.f, &fx.t, fx.tau);
+    assert_close(&got, &want, 1e-10, obj.name());
+    let mut sum = terms[0].value.clone();
+    for t in &terms[1..] {
+        sum = (sum + &t.value).expect("sum");
+    }
+    let grads = sum.backward().expect("backward");
+    let n = B * E;
+    let mut p = fx.f.concat();
+    p.extend(fx.t.concat());
+    p.push(fx.tau);
+    let fd = fd_grad(&p, |p| {
+        reference(
+            &unflat(&p[..n], B, E),
+            &unflat(&p[n..2 * n], B, E),
+            p[2 * n],
+        )
+        .iter()
+        .sum()
+    });
+    assert_close(&grad_of(&grads, fv.as_tensor()), &fd[..n], 1e-5, "d/df");
+    assert_close(
+        &grad_of(&grads, tv.as_tensor()),
+        &fd[n..2 * n],
+        1e-5,
+        "d/dt",
+    );
+    assert_close(
+        &grad_of(&grads, tau.as_tensor()),
+        &fd[2 * n..],
+        1e-5,
+        "d/dtau",
+    );
+}
+
+/// `lse(l) - mean_{p in P} l[p]` with `l = [q.k, q.keys] / tau`, column 0 and
+/// same-id keys positive.
+fn queue_row(q: &[f64], k: &[f64], keys: &Mat, key_ids: Option<(&[u32], u32)>, tau: f64) -> f64 {
+    let mut l = vec![dot(q, k) / tau];
+    let mut pos = vec![l[0]];
+    for (j, key) in keys.iter().enumerate() {
+        let v = dot(q, key) / tau;
+        l.push(v);
+        if let Some((kid, id)) = key_ids {
+            if kid[j] == id {
+                pos.push(v);
+            }
+        }
+    }
+    lse(&l) - pos.iter().sum::<f64>() / pos.len() as f64
+}
+
+fn ref_itc(fx: &Fix, f: &Mat, t: &Mat, tau: f64, cfg: &ItcConfig, w: Option<&[f64]>) -> Vec<f64> {
+    let (mut ki, mut kt, mut kid) = (fx.qi.clone(), fx.qt.clone(), fx.qids.clone());
+    if cfg.in_batch_negatives {
+        ki = [fx.fm.clone(), ki].concat();
+        kt = [fx.tm.clone(), kt].concat();
+        kid = [fx.ids.clone(), kid].concat();
+    }
+    let ids = |i: usize| cfg.use_ids.then_some((kid.as_slice(), fx.ids[i]));
+    let i2t: Vec<f64> = (0..B)
+        .map(|i| queue_row(&f[i], &fx.tm[i], &kt, ids(i), tau))
+        .collect();
+    let t2i: Vec<f64> = (0..B)
+        .map(|i| queue_row(&t[i], &fx.fm[i], &ki, ids(i), tau))
+        .collect();
+    vec![wmean(&i2t, w), wmean(&t2i, w)]
+}
+
+#[test]
+fn itc_matches_the_formula_in_every_mode() {
+    for (seed, in_batch, use_ids, weights) in [
+        (1, false, true, None),
+        (2, true, true, None),
+        (3, false, false, Some([1.0f32, 0.0, 1.0, 1.0])),
+        (4, true, true, Some([0.0, 1.0, 1.0, 1.0])),
+    ] {
+        let fx = fixture(seed);
+        let cfg = ItcConfig {
+            weight: 1.0,
+            in_batch_negatives: in_batch,
+            use_ids,
+        };
+        let w64 = weights.map(|w| w.map(f64::from));
+        // The fixture must contain same-id queue slots, or the id path is untested.
+        assert!(fx.qids.iter().any(|q| fx.ids.contains(q)));
+        let mut itc = Itc::new(&cfg, fx.queue.clone());
+        check(
+            &mut itc,
+            &fx,
+            weights.as_ref().map(|w| &w[..]),
+            |f, t, tau| ref_itc(&fx, f, t, tau, &cfg, w64.as_ref().map(|w| &w[..])),
+        );
+    }
+}
+
+/// `KL(softmax(a) || softmax(b))`.
+fn kl_rows(a: &[f64], b: &[f64]) -> f64 {
+    let (la, lb) = (log_softmax(a), log_softmax(b));
+    la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum()
+}
+
+/// Per-row logits of `D_i2t` and `D_t2i`.
+fn kl_logits(fx: &Fix, f: &Mat, t: &Mat, tau: f64, i: usize) -> (Vec<f64>, Vec<f64>) {
+    let p: Vec<f64> = std::iter::once(dot(&f[i], &fx.tm[i]))
+        .chain(fx.qt.iter().map(|k| dot(&f[i], k)))
+        .map(|v| v / tau)
+        .collect();
+    let q: Vec<f64> = std::iter::once(dot(&t[i], &fx.fm[i]))
+        .chain(fx.qi.iter().map(|k| dot(&t[i], k)))
+        .map(|v| v / tau)
+        .collect();
+    (p, q)
+}
+
+fn ref_kl(fx: &Fix, f: &Mat, t: &Mat, tau: f64, dir: KlDirection, w: Option<&[f64]>) -> f64 {
+    let rows: Vec<f64> = (0..B)
+        .map(|i| {
+            let (p, q) = kl_logits(fx, f, t, tau, i);
+            match dir {
+                KlDirection::I2tToT2i => kl_rows(&p, &q),
+                KlDirection::T2iToI2t => kl_rows(&q, &p),
+                KlDirection::Symmetric => 0.5 * (kl_rows(&p, &q) + kl_rows(&q, &p)),
+            }
+        })
+        .collect();
+    wmean(&rows, w)
+}
+
+#[test]
+fn kl_matches_the_formula_in_every_direction() {
+    for (seed, dir) in [
+        (5, KlDirection::Symmetric),
+        (6, KlDirection::I2tToT2i),
+        (7, KlDirection::T2iToI2t),
+    ] {
+        let fx = fixture(seed);
+        let cfg = KlConfig {
+            weight: 1.0,
+            direction: dir,
+            stop_grad_target: false,
+        };
+        let w = [1.0f32, 1.0, 0.0, 1.0];
+        let w64 = w.map(f64::from);
+        check(
+            &mut Kl::new(&cfg, fx.queue.clone()),
+            &fx,
+            Some(&w),
+            |f, t, tau| vec![ref_kl(&fx, f, t, tau, dir, Some(&w64))],
+        );
+    }
+}
+
+#[test]
+fn kl_stop_gradient_moves_only_the_non_target_side() {
+    let fx = fixture(8);
+    for dir in [
+        KlDirection::Symmetric,
+        KlDirection::I2tToT2i,
+        KlDirection::T2iToI2t,
+    ] {
+        let cfg = KlConfig {
+            weight: 1.0,
+            direction: dir,
+            stop_grad_target: true,
+        };
+        let (fv, tv) = (var(&fx.f), var(&fx.t));
+        let tau = Tensor::new(fx.tau, &Device::Cpu).expect("tau");
+        let (fm, tm, ids) = (tensor(&fx.fm), tensor(&fx.tm), ids_tensor(&fx.ids));
+        let x = StepInputs {
+            image_embed: fv.as_tensor(),
+            text_embed: tv.as_tensor(),
+            image_embed_m: Some(&fm),
+            text_embed_m: Some(&tm),
+            image_ids: &ids,
+            temperature: &tau,
+            pair_weights: None,
+            mlm: None,
+            mvm: None,
+            itm: None,
+        };
+        let terms = Kl::new(&cfg, fx.queue.clone()).losses(&x).expect("kl");
+        assert_close(
+            &[scalar(&terms[0].value)],
+            &[ref_kl(&fx, &fx.f, &fx.t, fx.tau, dir, None)],
+            1e-10,
+            "value",
+        );
+        let grads = terms[0].value.backward().expect("backward");
+        // The gradient of KL(P_target || Q) with P held fixed, by finite
+        // differences of the formula in the live side only.
+        let half = |target_is_i2t: bool| -> (Vec<f64>, Vec<f64>) {
+            let mean_kl = |f: &Mat, t: &Mat| -> f64 {
+                (0..B)
+                    .map(|i| {
+                        let (p0, q0) = kl_logits(&fx, &fx.f, &fx.t, fx.tau, i);
+                        let (p, q) = kl_logits(&fx, f, t, fx.tau, i);
+                        if target_is_i2t {
+                            kl_rows(&p0, &q)
+                        } else {
+                            kl_rows(&q0, &p)
+                        }
+                    })
+                    .sum::<f64>()
+                    / B as f64
+            };
+            let g_f = fd_grad(&fx.f.concat(), |p| mean_kl(&unflat(p, B, E), &fx.t));
+            let g_t = fd_grad(&fx.t.concat(), |p| mean_kl(&fx.f, &unflat(p, B, E)));
+            (g_f, g_t)
+        };
+        let (want_f, want_t) = match dir {
+            KlDirection::I2tToT2i => half(true),
+            KlDirection::T2iToI2t => half(false),
+            KlDirection::Symmetric => {
+                let (a_f, a_t) = half(true);
+                let (b_f, b_t) = half(false);
+                (
+                    a_f.iter().zip(&b_f).map(|(a, b)| 0.5 * (a + b)).collect(),
+                    a_t.iter().zip(&b_t).map(|(a, b)| 0.5 * (a + b)).collect(),
+                )
+            }
+        };
+        assert_close(&grad_of(&grads, fv.as_tensor()), &want_f, 1e-5, "d/df");
+        assert_close(&grad_of(&grads, tv.as_tensor()), &want_t, 1e-5, "d/dt");
+        // The target's query must receive nothing from its own half.
+        if dir == KlDirection::I2tToT2i {
+            assert!(grad_of(&grads, fv.as_tensor()).iter().all(|&g| g == 0.0));
+        }
+    }
+}
+
+fn ref_clip(ids: &[u32], f: &Mat, t: &Mat, tau: f64, use_ids: bool, w: Option<&[f64]>) -> Vec<f64> {
+    let pos = |i: usize, j: usize| if use_ids { ids[i] == ids[j] } else { i == j };
+    let row = |l: Vec<f64>, i: usize| {
+        let lp = log_softmax(&l);
+        let p: Vec<f64> = (0..B).filter(|&j| pos(i, j)).map(|j| lp[j]).collect();
+        -p.iter().sum::<f64>() / p.len() as f64
+    };
+    let i2t: Vec<f64> = (0..B)
+        .map(|i| row((0..B).map(|j| dot(&f[i], &t[j]) / tau).collect(), i))
+        .collect();
+    let t2i: Vec<f64> = (0..B)
+        .map(|j| row((0..B).map(|i| dot(&f[i], &t[j]) / tau).collect(), j))
+        .collect();
+    vec![wmean(&i2t, w), wmean(&t2i, w)]
+}
+
+#[test]
+fn clip_matches_the_formula() {
+    for (seed, use_ids) in [(9, true), (10, false)] {
+        let fx = fixture(seed);
+        let w = [1.0f32, 1.0, 1.0, 0.0];
+        let w64 = w.map(f64::from);
+        let mut clip = Clip::new(&ClipConfig {
+            weight: 1.0,
+            use_ids,
+        });
+        check(&mut clip, &fx, Some(&w), |f, t, tau| {
+            ref_clip(&fx.ids, f, t, tau, use_ids, Some(&w64))
+        });
+    }
+}
+
+fn ref_vse(ids: &[u32], f: &Mat, t: &Mat, cfg: &VseConfig) -> Vec<f64> {
+    let neg = |i: usize, j: usize| {
+        if cfg.use_ids {
+            ids[i] != ids[j]
+        } else {
+            i != j
+        }
+    };
+    let agg = |c: Vec<f64>| {
+        if cfg.hardest_negative {
+            c.into_iter().fold(0.0, f64::max)
+        } else {
+            c.into_iter().sum()
+        }
+    };
+    let s = |i: usize, j: usize| dot(&f[i], &t[j]);
+    let i2t: Vec<f64> = (0..B)
+        .map(|i| {
+            agg((0..B)
+                .filter(|&j| neg(i, j))
+                .map(|j| (cfg.margin - s(i, i) + s(i, j)).max(0.0))
+                .collect())
+        })
+        .collect();
+    let t2i: Vec<f64> = (0..B)
+        .map(|j| {
+            agg((0..B)
+                .filter(|&i| neg(i, j))
+                .map(|i| (cfg.margin - s(j, j) + s(i, j)).max(0.0))
+                .collect())
+        })
+        .collect();
+    vec![wmean(&i2t, None), wmean(&t2i, None)]
+}
+
+#[test]
+fn vse_matches_the_formula() {
+    for (seed, hardest, use_ids) in [(11, true, true), (12, false, true), (13, true, false)] {
+        let fx = fixture(seed);
+        // A large margin keeps every hinge active, so the losses are non-zero
+        // and finite differences never straddle a kink.
+        let cfg = VseConfig {
+            weight: 1.0,
+            margin: 2.5,
+            hardest_negative: hardest,
+            use_ids,
+        };
+        let want = ref_vse(&fx.ids, &fx.f, &fx.t, &cfg);
+        assert!(want.iter().all(|&v| v > 0.0));
+        check(&mut Vse::new(&cfg), &fx, None, |f, t, _| {
+            ref_vse(&fx.ids, f, t, &cfg)
+        });
+    }
+}
+
+#[test]
+fn itm_is_two_way_cross_entropy() {
+    let mut r = rng(14);
+    let logits = random_mat(&mut r, 6, 2);
+    let labels = [1u32, 0, 0, 1, 0, 1];
+    let lv = var(&logits);
+    let lab = ids_tensor(&labels);
+    let fx = fixture(15);
+    let (f, t, tau, ids) = (
+        tensor(&fx.f),
+        tensor(&fx.t),
+        Tensor::new(0.07f64, &Device::Cpu).expect("tau"),
+        ids_tensor(&fx.ids),
+    );
+    let x = StepInputs {
+        image_embed: &f,
+        text_embed: &t,
+        image_embed_m: None,
+        text_embed_m: None,
+        image_ids: &ids,
+        temperature: &tau,
+        pair_weights: None,
+        mlm: None,
+        mvm: None,
+        itm: Some(ItmInputs {
+            logits: lv.as_tensor(),
+            labels: &lab,
+        }),
+    };
+    let terms = Itm::new(&ItmConfig::default()).losses(&x).expect("itm");
+    let reference = |p: &[f64]| {
+        let m = unflat(p, 6, 2);
+        (0..6)
+            .map(|i| -log_softmax(&m[i])[labels[i] as usize])
+            .sum::<f64>()
+            / 6.0
+    };
+    assert_close(
+        &[scalar(&terms[0].value)],
+        &[reference(&logits.concat())],
+        1e-10,
+        "itm",
+    );
+    let grads = terms[0].value.backward().expect("backward");
+    assert_close(
+        &grad_of(&grads, lv.as_tensor()),
+        &fd_grad(&logits.concat(), reference),
+        1e-5,
+        "d/dlogits",
+    );
+}
+
+/// `concat(x, ctx) -> dense -> gelu(tanh) -> layer_norm -> decoder` in loops.
+fn ref_head(vm: &VarMap, prefix: &str, x: &[f64], ctx: &[f64]) -> Vec<f64> {
+    let get = |n: &str| {
+        vm.data().lock().expect("lock")[&format!("{prefix}.{n}")]
+            .as_tensor()
+            .clone()
+    };
+    let (w1, b1) = (
+        mat(&get("dense.weight")),
+        get("dense.bias").to_vec1::<f64>().expect("b"),
+    );
+    let (g, beta) = (
+        get("layer_norm.weight").to_vec1::<f64>().expect("g"),
+        get("layer_norm.bias").to_vec1::<f64>().expect("b"),
+    );
+    let (w2, b2) = (
+        mat(&get("decoder.weight")),
+        get("decoder.bias").to_vec1::<f64>().expect("b"),
+    );
+    let inp = [x, ctx].concat();
+    let h: Vec<f64> = w1
+        .iter()
+        .zip(&b1)
+        .map(|(w, b)| {
+            let v = dot(w, &inp) + b;
+            0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+        })
+        .collect();
+    let mean = h.iter().sum::<f64>() / h.len() as f64;
+    let var = h.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / h.len() as f64;
+    let hn: Vec<f64> = h
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v - mean) / (var + 1e-12).sqrt() * g[i] + beta[i])
+        .collect();
+    w2.iter().zip(&b2).map(|(w, b)| dot(w, &hn) + b).collect()
+}
+
+#[test]
+fn mvlm_matches_the_formula_and_trains_every_head_weight() {
+    let dims = Dims {
+        embed: 3,
+        text_hidden: 4,
+        vision_hidden: 5,
+        vocab: 7,
+        codebook: 6,
+    };
+    let (b, l, np) = (3usize, 4usize, 4usize);
+    let mut r = rng(16);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let mut obj = Mvlm::new(
+        &mvlm::Config {
+            settings: MvlmConfig::default(),
+            dims,
+        },
+        vb,
+    )
+    .expect("mvlm");
+    // Non-trivial LayerNorm parameters, so the reference exercises them.
+    for (name, v) in vm.data().lock().expect("lock").iter() {
+        if name.contains("layer_norm") {
+            let n = v.elem_count();
+            v.set(
+                &Tensor::from_vec(random_mat(&mut r, 1, n).concat(), n, &Device::Cpu).expect("t"),
+            )
+            .expect("set");
+        }
+    }
+    let ht = random_mat(&mut r, b * l, dims.text_hidden);
+    let hv = random_mat(&mut r, b * (1 + np), dims.vision_hidden);
+    let (fe, te) = (
+        unit_rows(&mut r, b, dims.embed),
+        unit_rows(&mut r, b, dims.embed),
+    );
+    let labels: Vec<i64> = (0..b * l)
+        .map(|i| {
+            if i % 3 == 0 {
+                -100
+            } else {
+                r.random_range(0..dims.vocab as i64)
+            }
+        })
+        .collect();
+    let mask: Vec<u8> = (0..b * np).map(|i| (i % 2) as u8).collect();
+    let codes: Vec<u32> = (0..b * np)
+        .map(|_| r.random_range(0..dims.codebook as u32))
+        .collect();
+    let weights = [1.0f32, 0.0, 1.0];
+    use rand::Rng;
+
+    let reference = |ht: &Mat, hv: &Mat, fe: &Mat, te: &Mat| -> Vec<f64> {
+        let (mut mlm, mut wm) = (0.0, 0.0);
+        for bi in 0..b {
+            for li in 0..l {
+                let lab = labels[bi * l + li];
+                if lab >= 0 {
+                    let lp = log_softmax(&ref_head(&vm, "mlm_head", &ht[bi * l + li], &fe[bi]));
+                    mlm -= weights[bi] as f64 * lp[lab as usize];
+                    wm += weights[bi] as f64;
+                }
+            }
+        }
+        let (mut mvm, mut wv) = (0.0, 0.0);
+        for bi in 0..b {
+            for pi in 0..np {
+                if mask[bi * np + pi] != 0 {
+                    let lp = log_softmax(&ref_head(
+                        &vm,
+                        "mvm_head",
+                        &hv[bi * (1 + np) + 1 + pi],
+                        &te[bi],
+                    ));
+                    mvm -= weights[bi] as f64 * lp[codes[bi * np + pi] as usize];
+                    wv += weights[bi] as f64;
+                }
+            }
+        }
+        vec![mlm / wm, mvm / wv]
+    };
+
+    let dev = Device::Cpu;
+    let htv =
+        Var::from_tensor(&tensor(&ht).reshape((b, l, dims.text_hidden)).expect("r")).expect("v");
+    let hvv = Var::from_tensor(
+        &tensor(&hv)
+            .reshape((b, 1 + np, dims.vision_hidden))
+            .expect("r"),
+    )
+    .expect("v");
+    let (fv, tv) = (var(&fe), var(&te));
+    let lab_t = Tensor::from_vec(labels.clone(), (b, l), &dev).expect("labels");
+    let mask_t = Tensor::from_vec(mask.clone(), (b, np), &dev).expect("mask");
+    let codes_t = Tensor::from_vec(codes.clone(), (b, np), &dev).expect("codes");
+    let (ids, tau, w) = (
+        ids_tensor(&[0, 1, 2]),
+        Tensor::new(0.07f64, &dev).expect("tau"),
+        Tensor::new(&weights, &dev).expect("w"),
+    );
+    let x = StepInputs {
+        image_embed: fv.as_tensor(),
+        text_embed: tv.as_tensor(),
+        image_embed_m: None,
+        text_embed_m: None,
+        image_ids: &ids,
+        temperature: &tau,
+        pair_weights: Some(&w),
+        mlm: Some(MlmInputs {
+            hidden: htv.as_tensor(),
+            labels: &lab_t,
+        }),
+        mvm: Some(MvmInputs {
+            hidden: hvv.as_tensor(),
+            mask: &mask_t,
+            codes: &codes_t,
+        }),
+        itm: None,
+    };
+    let terms = obj.losses(&x).expect("losses");
+    assert_eq!(
+        terms.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["mlm", "mvm"]
+    );
+    let got: Vec<f64> = terms.iter().map(|t| scalar(&t.value)).collect();
+    assert_close(&got, &reference(&ht, &hv, &fe, &te), 1e-9, "mvlm");
+    let grads = (&terms[0].value + &terms[1].value)
+        .expect("sum")
+        .backward()
+        .expect("backward");
+    let sum = |v: Vec<f64>| v.iter().sum::<f64>();
+    let fd_ht = fd_grad(&ht.concat(), |p| {
+        sum(reference(
+            &unflat(p, b * l, dims.text_hidden),
+            &hv,
+            &fe,
+            &te,
+        ))
+    });
+    let fd_hv = fd_grad(&hv.concat(), |p| {
+        sum(reference(
+            &ht,
+            &unflat(p, b * (1 + np), dims.vision_hidden),
+            &fe,
+            &te,
+        ))
+    });
+    let fd_fe = fd_grad(&fe.concat(), |p| {
+        sum(reference(&ht, &hv, &unflat(p, b, dims.embed), &te))
+    });
+    let fd_te = fd_grad(&te.concat(), |p| {
+        sum(reference(&ht, &hv, &fe, &unflat(p, b, dims.embed)))
+    });
+    assert_close(
+        &grad_of(&grads, htv.as_tensor()),
+        &fd_ht,
+        1e-5,
+        "d/dhidden_text",
+    );
+    assert_close(
+        &grad_of(&grads, hvv.as_tensor()),
+        &fd_hv,
+        1e-5,
+        "d/dhidden_image",
+    );
+    assert_close(
+        &grad_of(&grads, fv.as_tensor()),
+        &fd_fe,
+        1e-5,
+        "d/dimage_embed",
+    );
+    assert_close(
+        &grad_of(&grads, tv.as_tensor()),
+        &fd_te,
+        1e-5,
+        "d/dtext_embed",
+    );
+    // Unmasked tokens, [CLS] and the dropped pair get no gradient.
+    assert!(grad_of(&grads, hvv.as_tensor())[..dims.vision_hidden]
+        .iter()
+        .all(|&g| g == 0.0));
+    for (name, v) in vm.data().lock().expect("lock").iter() {
+        assert!(
+            grad_of(&grads, v.as_tensor()).iter().any(|&g| g != 0.0),
+            "head weight {name} got no gradient"
+        );
+    }
+    assert_eq!(
+        obj.needs(),
+        Needs {
+            masked_text: true,
+            masked_image: true,
+            dvae_codes: true,
+            ..Needs::default()
+        }
+    );
+}
+
+#[test]
+fn missing_inputs_are_named() {
+    let fx = fixture(17);
+    let (f, t, ids) = (tensor(&fx.f), tensor(&fx.t), ids_tensor(&fx.ids));
+    let tau = Tensor::new(0.07f64, &Device::Cpu).expect("tau");
+    let x = StepInputs {
+        image_embed: &f,
+        text_embed: &t,
+        image_embed_m: None,
+        text_embed_m: None,
+        image_ids: &ids,
+        temperature: &tau,
+        pair_weights: None,
+        mlm: None,
+        mvm: None,
+        itm: None,
+    };
+    let err = Itc::new(&ItcConfig::default(), fx.queue.clone())
+        .losses(&x)
+        .expect_err("no momentum");
+    assert!(
+        matches!(&err, Error::MissingInput { objective, input } if objective == "itc" && *input == "image_embed_m"),
+        "{err}"
+    );
+}
