@@ -1,1 +1,171 @@
-//! placeholder
+//! # cots-data: where do the image-text pairs come from?
+//!
+//! - [`Dataset`]: images with ids, captions, splits and an optional category;
+//!   each caption of an image is one training pair, and captions of one image
+//!   share its id (the objectives treat them as positives of each other).
+//! - [`synthetic`]: the embedded, seeded dataset the demo trains on.
+//! - [`manifest`]: the JSONL manifest format users already have.
+//! - [`image_io`]: decoding (PNG, JPEG, WebP, GIF, SVG) and transforms.
+//! - [`masking`]: MLM and blockwise patch masking, seeded.
+//! - [`loader`]: the bounded, prefetching, resumable batch loader.
+
+pub mod image_io;
+pub mod loader;
+pub mod manifest;
+pub mod masking;
+pub mod synthetic;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use loader::{Batch, Loader, LoaderConfig, LoaderPosition};
+
+/// Errors of the data crate; each names the file (and line) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Manifest {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: cannot decode image: {message}")]
+    Image { path: PathBuf, message: String },
+    #[error("item {id} ({origin}): caption {index} is empty")]
+    EmptyCaption {
+        id: u32,
+        origin: String,
+        index: usize,
+    },
+    #[error("the {split:?} split is empty")]
+    EmptySplit { split: Split },
+    #[error("the loader's worker stopped unexpectedly")]
+    WorkerGone,
+    #[error(transparent)]
+    Encoders(#[from] cots_encoders::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Dataset split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+/// Where an item's pixels come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageSource {
+    /// A file (PNG, JPEG, WebP, GIF, SVG).
+    Path(PathBuf),
+    /// A synthetic scene rendered with the given jitter seed.
+    Synthetic { scene: synthetic::Scene, seed: u64 },
+}
+
+impl ImageSource {
+    /// How errors and search results name this image.
+    pub fn describe(&self) -> String {
+        match self {
+            ImageSource::Path(p) => p.display().to_string(),
+            ImageSource::Synthetic { seed, .. } => format!("synthetic scene #{seed}"),
+        }
+    }
+}
+
+/// One image with its captions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    /// Image id; all captions of the image share it.
+    pub id: u32,
+    pub source: ImageSource,
+    pub captions: Vec<String>,
+    pub split: Split,
+    pub category: Option<String>,
+}
+
+/// A list of items.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Dataset {
+    pub items: Vec<Item>,
+}
+
+impl Dataset {
+    /// The embedded synthetic dataset, all splits.
+    pub fn synthetic(cfg: &synthetic::SyntheticConfig) -> Self {
+        let mut items = Vec::new();
+        for (split, n) in [(Split::Train, cfg.train), (Split::Val, cfg.val), (Split::Test, cfg.test)] {
+            for scene in synthetic::scenes(cfg, split, n) {
+                let id = items.len() as u32;
+                items.push(Item {
+                    id,
+                    captions: scene.captions(),
+                    source: ImageSource::Synthetic {
+                        scene,
+                        seed: cfg.seed ^ (u64::from(id) << 20),
+                    },
+                    split,
+                    category: None,
+                });
+            }
+        }
+        Self { items }
+    }
+
+    /// The items of one split (ids are kept).
+    pub fn split(&self, split: Split) -> Result<Self> {
+        let items: Vec<Item> = self.items.iter().filter(|i| i.split == split).cloned().collect();
+        if items.is_empty() {
+            return Err(Error::EmptySplit { split });
+        }
+        Ok(Self { items })
+    }
+
+    /// Every (item index, caption index): one training pair each.
+    pub fn pairs(&self) -> Vec<(usize, usize)> {
+        self.items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, it)| (0..it.captions.len()).map(move |c| (i, c)))
+            .collect()
+    }
+
+    /// The evaluation view: every caption, and the index of its item.
+    pub fn queries(&self) -> (Vec<String>, Vec<usize>) {
+        let mut texts = Vec::new();
+        let mut targets = Vec::new();
+        for (i, it) in self.items.iter().enumerate() {
+            for c in &it.captions {
+                texts.push(c.clone());
+                targets.push(i);
+            }
+        }
+        (texts, targets)
+    }
+
+    /// Checks that no caption is empty, naming the first offender.
+    pub fn validate(&self) -> Result<()> {
+        for it in &self.items {
+            if let Some(index) = it.captions.iter().position(|c| c.trim().is_empty()) {
+                return Err(Error::EmptyCaption {
+                    id: it.id,
+                    origin: it.source.describe(),
+                    index,
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,492 @@
-//! placeholder
+//! # cots-eval: how good is a model at retrieval?
+//!
+//! Image-text retrieval metrics with the COCO / Flickr30K protocol: for
+//! image-to-text an image is a hit at K if ANY of its captions is in the top
+//! K; for text-to-image the caption's one image must be. R@K, median and mean
+//! rank, RSUM, and top-k search.
+//!
+//! Similarities are computed in tiles of `block` rows, so a 5K x 25K
+//! evaluation never holds more than a `block x N` slab: per query we only need
+//! the score of its true match(es) and the number of gallery items that beat
+//! it.
+//!
+//! Ties are broken deterministically: among equal scores the lower gallery
+//! index ranks first, so the rank of the true item is
+//! `1 + #{score > s} + #{score == s and index < true index}`.
+
+use std::fmt;
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Errors of the evaluation harness.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("caption {caption} points at image {image}, but there are only {n_images} images")]
+    BadTarget {
+        caption: usize,
+        image: usize,
+        n_images: usize,
+    },
+    #[error("image {0} has no caption: image-to-text recall is undefined for it")]
+    NoCaption(usize),
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Options of an evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalOptions {
+    /// The K of R@K.
+    pub ks: Vec<usize>,
+    /// Query rows per similarity tile.
+    pub block: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            ks: vec![1, 5, 10],
+            block: 1024,
+        }
+    }
+}
+
+/// Recall and rank statistics of one retrieval direction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DirectionReport {
+    /// `(K, recall in percent)`.
+    pub recall: Vec<(usize, f64)>,
+    pub median_rank: f64,
+    pub mean_rank: f64,
+    pub queries: usize,
+}
+
+impl DirectionReport {
+    fn from_ranks(ranks: &[usize], ks: &[usize]) -> Self {
+        let n = ranks.len().max(1) as f64;
+        let recall = ks
+            .iter()
+            .map(|&k| (k, 100.0 * ranks.iter().filter(|&&r| r <= k).count() as f64 / n))
+            .collect();
+        let mut sorted = ranks.to_vec();
+        sorted.sort_unstable();
+        let median_rank = match sorted.len() {
+            0 => 0.0,
+            len if len % 2 == 1 => sorted[len / 2] as f64,
+            len => (sorted[len / 2 - 1] + sorted[len / 2]) as f64 / 2.0,
+        };
+        let mean_rank = sorted.iter().sum::<usize>() as f64 / n;
+        Self {
+            recall,
+            median_rank,
+            mean_rank,
+            queries: ranks.len(),
+        }
+    }
+
+    /// Recall at `k` in percent, if `k` was evaluated.
+    pub fn at(&self, k: usize) -> Option<f64> {
+        self.recall.iter().find(|(kk, _)| *kk == k).map(|(_, r)| *r)
+    }
+}
+
+/// Both directions of an image (or video) - text retrieval evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalReport {
+    /// "image" or "video": what the gallery holds.
+    pub modality: String,
+    pub n_images: usize,
+    pub n_texts: usize,
+    /// Image (video) to text.
+    pub i2t: DirectionReport,
+    /// Text to image (video).
+    pub t2i: DirectionReport,
+    /// Sum of every recall of both directions.
+    pub rsum: f64,
+}
+
+impl RetrievalReport {
+    fn new(modality: &str, n_images: usize, n_texts: usize, i2t: DirectionReport, t2i: DirectionReport) -> Self {
+        let rsum = i2t.recall.iter().chain(&t2i.recall).map(|(_, r)| r).sum();
+        Self {
+            modality: modality.to_string(),
+            n_images,
+            n_texts,
+            i2t,
+            t2i,
+            rsum,
+        }
+    }
+
+    /// The report as a Markdown table.
+    pub fn to_markdown(&self) -> String {
+        let (a, b) = self.direction_names();
+        let ks: Vec<String> = self.i2t.recall.iter().map(|(k, _)| format!("R@{k}")).collect();
+        let mut s = format!(
+            "| direction | {} | MedR | MeanR |\n|---|{}---|---|\n",
+            ks.join(" | "),
+            "---|".repeat(ks.len())
+        );
+        for (name, d) in [(a, &self.i2t), (b, &self.t2i)] {
+            let r: Vec<String> = d.recall.iter().map(|(_, r)| format!("{r:.1}")).collect();
+            s += &format!("| {name} | {} | {} | {:.1} |\n", r.join(" | "), d.median_rank, d.mean_rank);
+        }
+        s += &format!(
+            "\nRSUM {:.1} over {} {}s and {} texts.\n",
+            self.rsum, self.n_images, self.modality, self.n_texts
+        );
+        s
+    }
+
+    fn direction_names(&self) -> (&'static str, &'static str) {
+        if self.modality == "video" {
+            ("video-to-text", "text-to-video")
+        } else {
+            ("image-to-text", "text-to-image")
+        }
+    }
+}
+
+impl fmt::Display for RetrievalReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (a, b) = self.direction_names();
+        write!(f, "{:<15}", "")?;
+        for (k, _) in &self.i2t.recall {
+            write!(f, "{:>8}", format!("R@{k}"))?;
+        }
+        writeln!(f, "{:>8}{:>9}", "MedR", "MeanR")?;
+        for (name, d) in [(a, &self.i2t), (b, &self.t2i)] {
+            write!(f, "{name:<15}")?;
+            for (_, r) in &d.recall {
+                write!(f, "{r:>8.1}")?;
+            }
+            writeln!(f, "{:>8}{:>9.1}", d.median_rank, d.mean_rank)?;
+        }
+        write!(
+            f,
+            "RSUM {:.1}  ({} {}s, {} texts)",
+            self.rsum, self.n_images, self.modality, self.n_texts
+        )
+    }
+}
+
+/// A source of similarity scores between images and texts, by blocks.
+///
+/// Embedding models answer with dot products; a single-stream cross-encoder
+/// answers by scoring pairs.
+pub trait PairScorer: Sync {
+    fn n_images(&self) -> usize;
+    fn n_texts(&self) -> usize;
+    /// Scores `[images.len(), texts.len()]`, row-major.
+    fn score_block(
+        &self,
+        images: std::ops::Range<usize>,
+        texts: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>>;
+}
+
+/// Dot-product scores between L2-normalised embeddings.
+pub struct EmbeddingScorer {
+    images: Tensor,
+    texts: Tensor,
+}
+
+impl EmbeddingScorer {
+    /// # Shapes
+    /// - `images`: `[N, D]`; `texts`: `[M, D]`.
+    pub fn new(images: &Tensor, texts: &Tensor) -> Result<Self> {
+        let (_, d1) = images.dims2()?;
+        let (_, d2) = texts.dims2()?;
+        if d1 != d2 {
+            return Err(Error::Shape(format!(
+                "image embeddings are {d1}-dimensional but text embeddings are {d2}-dimensional"
+            )));
+        }
+        Ok(Self {
+            images: images.to_dtype(DType::F32)?.contiguous()?,
+            texts: texts.to_dtype(DType::F32)?.contiguous()?,
+        })
+    }
+}
+
+impl PairScorer for EmbeddingScorer {
+    fn n_images(&self) -> usize {
+        self.images.dim(0).unwrap_or(0)
+    }
+    fn n_texts(&self) -> usize {
+        self.texts.dim(0).unwrap_or(0)
+    }
+    fn score_block(
+        &self,
+        images: std::ops::Range<usize>,
+        texts: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let a = self.images.narrow(0, images.start, images.len())?;
+        let b = self.texts.narrow(0, texts.start, texts.len())?;
+        Ok(a.matmul(&b.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Rank (1-based) of `target` within `scores` under the documented tie rule.
+fn rank_of(scores: &[f32], target: usize) -> usize {
+    let s = scores[target];
+    1 + scores
+        .iter()
+        .enumerate()
+        .filter(|&(j, &v)| v > s || (v == s && j < target))
+        .count()
+}
+
+/// Evaluates embeddings: see the crate doc for the protocol.
+///
+/// # Shapes
+/// - `images`: `[N, D]`, `texts`: `[M, D]`; `text_to_image[j]` is the image
+///   index of caption `j`.
+pub fn evaluate_embeddings(
+    images: &Tensor,
+    texts: &Tensor,
+    text_to_image: &[usize],
+    opts: &EvalOptions,
+) -> Result<RetrievalReport> {
+    evaluate_scorer(&EmbeddingScorer::new(images, texts)?, text_to_image, opts, "image")
+}
+
+/// Evaluates any [`PairScorer`]; `modality` labels the gallery ("image" or "video").
+pub fn evaluate_scorer(
+    scorer: &dyn PairScorer,
+    text_to_image: &[usize],
+    opts: &EvalOptions,
+    modality: &str,
+) -> Result<RetrievalReport> {
+    let (n, m) = (scorer.n_images(), scorer.n_texts());
+    if text_to_image.len() != m {
+        return Err(Error::Shape(format!(
+            "{} caption targets for {m} captions",
+            text_to_image.len()
+        )));
+    }
+    let mut captions_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (j, &i) in text_to_image.iter().enumerate() {
+        if i >= n {
+            return Err(Error::BadTarget {
+                caption: j,
+                image: i,
+                n_images: n,
+            });
+        }
+        captions_of[i].push(j);
+    }
+    if let Some(i) = captions_of.iter().position(|c| c.is_empty()) {
+        return Err(Error::NoCaption(i));
+    }
+    let block = opts.block.max(1);
+
+    // Image-to-text: rows are images, the gallery is every caption.
+    let starts: Vec<usize> = (0..n).step_by(block).collect();
+    let i2t: Vec<Vec<usize>> = starts
+        .par_iter()
+        .map(|&r0| -> Result<Vec<usize>> {
+            let rows = block.min(n - r0);
+            let scores = scorer.score_block(r0..r0 + rows, 0..m)?;
+            Ok((0..rows)
+                .map(|r| {
+                    let row = &scores[r * m..(r + 1) * m];
+                    captions_of[r0 + r]
+                        .iter()
+                        .map(|&j| rank_of(row, j))
+                        .min()
+                        .unwrap_or(usize::MAX)
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let i2t: Vec<usize> = i2t.into_iter().flatten().collect();
+
+    // Text-to-image: scores come as [images, texts] tiles; take columns.
+    let starts: Vec<usize> = (0..m).step_by(block).collect();
+    let t2i: Vec<Vec<usize>> = starts
+        .par_iter()
+        .map(|&c0| -> Result<Vec<usize>> {
+            let cols = block.min(m - c0);
+            let scores = scorer.score_block(0..n, c0..c0 + cols)?;
+            Ok((0..cols)
+                .map(|c| {
+                    let column: Vec<f32> = (0..n).map(|i| scores[i * cols + c]).collect();
+                    rank_of(&column, text_to_image[c0 + c])
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let t2i: Vec<usize> = t2i.into_iter().flatten().collect();
+
+    Ok(RetrievalReport::new(
+        modality,
+        n,
+        m,
+        DirectionReport::from_ranks(&i2t, &opts.ks),
+        DirectionReport::from_ranks(&t2i, &opts.ks),
+    ))
+}
+
+/// The `k` best gallery items of every query, best first, ties to the lower index.
+///
+/// # Shapes
+/// - `queries`: `[Q, D]`, `gallery`: `[N, D]`; returns `Q` lists of
+///   `(gallery index, score)`.
+pub fn top_k(queries: &Tensor, gallery: &Tensor, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+    let scorer = EmbeddingScorer::new(gallery, queries)?;
+    let (n, q) = (scorer.n_images(), scorer.n_texts());
+    let block = 256;
+    let starts: Vec<usize> = (0..q).step_by(block).collect();
+    let out: Vec<Vec<Vec<(usize, f32)>>> = starts
+        .par_iter()
+        .map(|&c0| -> Result<Vec<Vec<(usize, f32)>>> {
+            let cols = block.min(q - c0);
+            let s = scorer.score_block(0..n, c0..c0 + cols)?;
+            Ok((0..cols)
+                .map(|c| {
+                    let mut items: Vec<(usize, f32)> = (0..n).map(|i| (i, s[i * cols + c])).collect();
+                    let order = |a: &(usize, f32), b: &(usize, f32)| {
+                        b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+                    };
+                    let kk = k.min(items.len());
+                    if kk > 0 && kk < items.len() {
+                        items.select_nth_unstable_by(kk - 1, order);
+                        items.truncate(kk);
+                    }
+                    items.sort_by(order);
+                    items.truncate(kk);
+                    items
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// The obvious reference: full matrix in f64, full stable sort by
+    /// (score descending, index ascending), position of the target.
+    fn brute_ranks(img: &[Vec<f32>], txt: &[Vec<f32>], t2i: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let rank = |scores: Vec<f32>, target: usize| {
+            let mut idx: Vec<usize> = (0..scores.len()).collect();
+            idx.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+            idx.iter().position(|&x| x == target).unwrap() + 1
+        };
+        let i2t = (0..img.len())
+            .map(|i| {
+                let s: Vec<f32> = txt.iter().map(|t| dot(&img[i], t)).collect();
+                (0..txt.len()).filter(|&j| t2i[j] == i).map(|j| rank(s.clone(), j)).min().unwrap()
+            })
+            .collect();
+        let t2i_r = (0..txt.len())
+            .map(|j| rank(img.iter().map(|v| dot(v, &txt[j])).collect(), t2i[j]))
+            .collect();
+        (i2t, t2i_r)
+    }
+
+    fn random_case(seed: u64, n: usize, quantise: bool) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<usize>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let d = 8;
+        let vec = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+            (0..d)
+                .map(|_| {
+                    let v: f32 = rng.random_range(-1.0..1.0);
+                    // Quantised coordinates make exact score ties common.
+                    if quantise { (v * 2.0).round() / 2.0 } else { v }
+                })
+                .collect()
+        };
+        let img: Vec<Vec<f32>> = (0..n).map(|_| vec(&mut rng)).collect();
+        let mut txt = Vec::new();
+        let mut t2i = Vec::new();
+        for i in 0..n {
+            for _ in 0..rng.random_range(1..=6) {
+                txt.push(vec(&mut rng));
+                t2i.push(i);
+            }
+        }
+        // A duplicated caption vector: an exact tie by construction.
+        txt.push(txt[0].clone());
+        t2i.push(n - 1);
+        (img, txt, t2i)
+    }
+
+    fn tensor(v: &[Vec<f32>]) -> Tensor {
+        let d = v[0].len();
+        Tensor::from_vec(v.concat(), (v.len(), d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matches_brute_force_with_ties_and_odd_blocks() {
+        for (seed, quantise) in [(1, false), (2, true), (3, true)] {
+            let (img, txt, t2i) = random_case(seed, 23, quantise);
+            let (bi, bt) = brute_ranks(&img, &txt, &t2i);
+            let ks = vec![1, 5, 10];
+            let want = RetrievalReport::new(
+                "image",
+                img.len(),
+                txt.len(),
+                DirectionReport::from_ranks(&bi, &ks),
+                DirectionReport::from_ranks(&bt, &ks),
+            );
+            for block in [1, 7, 1000] {
+                let opts = EvalOptions { ks: ks.clone(), block };
+                let got = evaluate_embeddings(&tensor(&img), &tensor(&txt), &t2i, &opts).unwrap();
+                assert_eq!(got, want, "seed {seed} block {block}");
+            }
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index() {
+        // Three identical images: caption 0 belongs to image 2, so two images
+        // with equal scores and lower indices rank before it.
+        let img = vec![vec![1.0, 0.0]; 3];
+        let txt = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.0, 1.0]];
+        let t2i = vec![2, 0, 1];
+        let r = evaluate_embeddings(&tensor(&img), &tensor(&txt), &t2i, &EvalOptions::default()).unwrap();
+        assert_eq!(r.t2i.at(1), Some(100.0 / 3.0));
+        assert_eq!(r.t2i.median_rank, 2.0);
+    }
+
+    #[test]
+    fn bad_targets_are_named() {
+        let img = vec![vec![1.0, 0.0]; 2];
+        let txt = vec![vec![1.0, 0.0]];
+        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[5], &EvalOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("caption 0 points at image 5"), "{e}");
+        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[0], &EvalOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("image 1 has no caption"), "{e}");
+    }
+
+    #[test]
+    fn top_k_matches_full_sort() {
+        let (img, txt, _) = random_case(9, 40, true);
+        let got = top_k(&tensor(&txt[..5]), &tensor(&img), 7).unwrap();
+        for (q, list) in got.iter().enumerate() {
+            let mut all: Vec<(usize, f32)> = img
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i, v.iter().zip(&txt[q]).map(|(a, b)| a * b).sum::<f32>()))
+                .collect();
+            all.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+            let want: Vec<usize> = all.iter().take(7).map(|x| x.0).collect();
+            let have: Vec<usize> = list.iter().map(|x| x.0).collect();
+            assert_eq!(have, want);
+        }
+    }
+}

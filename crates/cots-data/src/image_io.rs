@@ -1,0 +1,168 @@
+//! How does a file or a scene become the model's input tensor?
+//!
+//! Decoding (PNG, JPEG, WebP, GIF first frame by content; SVG by extension,
+//! rendered with resvg), resize of the shorter side + centre crop, and
+//! per-channel normalisation to CHW f32.
+
+use std::path::Path;
+
+use image::{imageops::FilterType, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::{synthetic, Error, ImageSource, Result};
+
+/// Input size and normalisation of the image tower.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    pub size: usize,
+    /// Per-channel mean and std applied to values in [0, 1]. The default
+    /// 0.5 / 0.5 maps pixels to [-1, 1].
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            size: 64,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
+    }
+}
+
+/// Decodes an image file, naming it in any error.
+pub fn decode(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_bytes(&bytes, path)
+}
+
+/// Decodes image bytes; `origin` names them in errors.
+pub fn decode_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
+    let is_svg = origin.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+        || bytes.trim_ascii_start().starts_with(b"<svg")
+        || bytes.trim_ascii_start().starts_with(b"<?xml");
+    if is_svg {
+        return render_svg(bytes, origin);
+    }
+    image::load_from_memory(bytes)
+        .map(|img| img.to_rgb8())
+        .map_err(|e| Error::Image {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+fn render_svg(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
+    use resvg::{tiny_skia, usvg};
+    let err = |message: String| Error::Image {
+        path: origin.to_path_buf(),
+        message,
+    };
+    let tree = usvg::Tree::from_data(bytes, &usvg::Options::default()).map_err(|e| err(e.to_string()))?;
+    // Render at 256 px on the longer side; the transform resizes afterwards.
+    let size = tree.size();
+    let scale = 256.0 / size.width().max(size.height()).max(1.0);
+    let (w, h) = (
+        ((size.width() * scale).ceil() as u32).max(1),
+        ((size.height() * scale).ceil() as u32).max(1),
+    );
+    let mut pixmap = tiny_skia::Pixmap::new(w, h).ok_or_else(|| err("empty SVG canvas".into()))?;
+    pixmap.fill(tiny_skia::Color::WHITE);
+    resvg::render(&tree, tiny_skia::Transform::from_scale(scale, scale), &mut pixmap.as_mut());
+    // Premultiplied RGBA over a white background is already opaque RGB.
+    let rgb: Vec<u8> = pixmap.data().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| err("bad SVG raster".into()))
+}
+
+/// Resizes the shorter side to `size` and crops the centre square.
+pub fn resize_center_crop(img: &RgbImage, size: usize) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let size = size as u32;
+    if w == size && h == size {
+        return img.clone();
+    }
+    let scale = size as f32 / w.min(h).max(1) as f32;
+    let (nw, nh) = (
+        ((w as f32 * scale).round() as u32).max(size),
+        ((h as f32 * scale).round() as u32).max(size),
+    );
+    let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
+    image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
+}
+
+/// Normalised CHW f32 values of an RGB image.
+pub fn to_chw(img: &RgbImage, cfg: &ImageConfig) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let n = (w * h) as usize;
+    let mut out = vec![0f32; 3 * n];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = (f32::from(p[c]) / 255.0 - cfg.mean[c]) / cfg.std[c];
+        }
+    }
+    out
+}
+
+/// The RGB image of a source at the configured size.
+pub fn load_rgb(source: &ImageSource, cfg: &ImageConfig) -> Result<RgbImage> {
+    match source {
+        ImageSource::Path(p) => Ok(resize_center_crop(&decode(p)?, cfg.size)),
+        ImageSource::Synthetic { scene, seed } => {
+            let r = synthetic::render(scene, cfg.size, *seed);
+            Ok(RgbImage::from_raw(r.width as u32, r.height as u32, r.data)
+                .unwrap_or_else(|| RgbImage::new(cfg.size as u32, cfg.size as u32)))
+        }
+    }
+}
+
+/// The model input of a source: `[3, size, size]` values, CHW order.
+pub fn load_pixels(source: &ImageSource, cfg: &ImageConfig) -> Result<Vec<f32>> {
+    Ok(to_chw(&load_rgb(source, cfg)?, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_png_and_svg_and_names_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("a.png");
+        let mut img = RgbImage::new(40, 20);
+        img.put_pixel(20, 10, image::Rgb([255, 0, 0]));
+        img.save(&png).unwrap();
+        let back = decode(&png).unwrap();
+        assert_eq!(back.dimensions(), (40, 20));
+        assert_eq!(resize_center_crop(&back, 16).dimensions(), (16, 16));
+
+        let svg = dir.path().join("b.svg");
+        std::fs::write(
+            &svg,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><rect width="10" height="10" fill="#0000ff"/></svg>"##,
+        )
+        .unwrap();
+        let s = decode(&svg).unwrap();
+        assert_eq!(s.get_pixel(5, 5).0, [0, 0, 255]);
+
+        let bad = dir.path().join("c.jpg");
+        std::fs::write(&bad, b"not an image").unwrap();
+        let e = decode(&bad).unwrap_err().to_string();
+        assert!(e.contains("c.jpg"), "{e}");
+        let e = decode(&dir.path().join("missing.png")).unwrap_err().to_string();
+        assert!(e.contains("missing.png"), "{e}");
+    }
+
+    #[test]
+    fn normalisation_maps_to_minus_one_one() {
+        let mut img = RgbImage::new(2, 1);
+        img.put_pixel(0, 0, image::Rgb([0, 255, 0]));
+        img.put_pixel(1, 0, image::Rgb([255, 0, 255]));
+        let v = to_chw(&img, &ImageConfig::default());
+        assert_eq!(v, vec![-1.0, 1.0, 1.0, -1.0, -1.0, 1.0]);
+    }
+}

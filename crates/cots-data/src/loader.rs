@@ -1,0 +1,279 @@
+//! How do batches reach the trainer, fast, bounded and resumable?
+//!
+//! The order of an epoch is a seeded shuffle of every (image, caption) pair,
+//! a pure function of `(seed, epoch)`; batch `b` of epoch `e` is always the
+//! same pairs, whatever the number of threads. A worker thread decodes and
+//! tokenises batches ahead of the trainer into a bounded channel (memory stays
+//! at `prefetch` batches whatever the dataset size), decoding the images of a
+//! batch in parallel. [`Loader::position`] names the next batch to be handed
+//! out; a loader built from a saved position hands out exactly the batches
+//! the uninterrupted run would have.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use cots_encoders::tokenizer::TextTokenizer;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::image_io::{load_pixels, ImageConfig};
+use crate::{Dataset, Error, Result};
+
+/// Batch size, order and input shapes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Longest tokenised caption, `[CLS]` and `[SEP]` included.
+    pub max_text_len: usize,
+    /// Batches decoded ahead of the trainer.
+    pub prefetch: usize,
+    pub image: ImageConfig,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            seed: 0,
+            max_text_len: 32,
+            prefetch: 4,
+            image: ImageConfig::default(),
+        }
+    }
+}
+
+/// Where a loader stands: the next batch it will hand out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderPosition {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// One batch of pairs, on the CPU.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `[B, 3, H, W]` f32, normalised.
+    pub pixels: Tensor,
+    /// `[B, L]` u32.
+    pub input_ids: Tensor,
+    /// `[B, L]` u32, 1 keep / 0 pad.
+    pub attention_mask: Tensor,
+    /// `[B]` u32 image ids.
+    pub image_ids: Tensor,
+    /// Host copies for masking and logging.
+    pub ids_host: Vec<u32>,
+    pub mask_host: Vec<u32>,
+    pub captions: Vec<String>,
+    pub item_indices: Vec<usize>,
+    /// Where this batch sits in the order.
+    pub position: LoaderPosition,
+}
+
+/// The pairs of epoch `epoch`, shuffled by `(seed, epoch)`.
+pub fn epoch_order(pairs: &[(usize, usize)], seed: u64, epoch: u64) -> Vec<(usize, usize)> {
+    let mut order = pairs.to_vec();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Decodes and tokenises the pairs of one batch.
+pub fn make_batch(
+    data: &Dataset,
+    tokenizer: &TextTokenizer,
+    cfg: &LoaderConfig,
+    pairs: &[(usize, usize)],
+    position: LoaderPosition,
+) -> Result<Batch> {
+    let pixels: Vec<Vec<f32>> = pairs
+        .par_iter()
+        .map(|&(i, _)| load_pixels(&data.items[i].source, &cfg.image))
+        .collect::<Result<_>>()?;
+    let captions: Vec<String> = pairs
+        .iter()
+        .map(|&(i, c)| data.items[i].captions[c].clone())
+        .collect();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let tokens = tokenizer.encode_batch(&refs, cfg.max_text_len)?;
+    let (input_ids, attention_mask) = tokens.to_tensors(&Device::Cpu)?;
+    let b = pairs.len();
+    let s = cfg.image.size;
+    let pixels = Tensor::from_vec(pixels.concat(), (b, 3, s, s), &Device::Cpu)?;
+    let image_ids: Vec<u32> = pairs.iter().map(|&(i, _)| data.items[i].id).collect();
+    Ok(Batch {
+        pixels,
+        input_ids,
+        attention_mask,
+        image_ids: Tensor::from_vec(image_ids, b, &Device::Cpu)?,
+        ids_host: tokens.ids.clone(),
+        mask_host: tokens.attention_mask.clone(),
+        captions,
+        item_indices: pairs.iter().map(|p| p.0).collect(),
+        position,
+    })
+}
+
+/// The prefetching training loader (see the module doc).
+pub struct Loader {
+    rx: Receiver<Result<Batch>>,
+    next: LoaderPosition,
+    batches_per_epoch: u64,
+    _worker: JoinHandle<()>,
+}
+
+impl Loader {
+    /// Starts loading at `start`; incomplete final batches are dropped.
+    pub fn new(
+        data: Arc<Dataset>,
+        tokenizer: Arc<TextTokenizer>,
+        cfg: LoaderConfig,
+        start: LoaderPosition,
+    ) -> Result<Self> {
+        data.validate()?;
+        let pairs = data.pairs();
+        let batches_per_epoch = (pairs.len() / cfg.batch_size.max(1)) as u64;
+        if batches_per_epoch == 0 {
+            return Err(Error::Manifest {
+                path: "<dataset>".into(),
+                line: 0,
+                message: format!(
+                    "{} pairs cannot fill one batch of {}",
+                    pairs.len(),
+                    cfg.batch_size
+                ),
+            });
+        }
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let worker = std::thread::spawn(move || {
+            let mut pos = start;
+            loop {
+                let order = epoch_order(&pairs, cfg.seed, pos.epoch);
+                while pos.batch < batches_per_epoch {
+                    let b0 = (pos.batch as usize) * cfg.batch_size;
+                    let batch = make_batch(&data, &tokenizer, &cfg, &order[b0..b0 + cfg.batch_size], pos);
+                    let failed = batch.is_err();
+                    // A closed channel means the trainer is done with us.
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                    pos.batch += 1;
+                }
+                pos = LoaderPosition {
+                    epoch: pos.epoch + 1,
+                    batch: 0,
+                };
+            }
+        });
+        Ok(Self {
+            rx,
+            next: start,
+            batches_per_epoch,
+            _worker: worker,
+        })
+    }
+
+    /// The next batch, in order.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let batch = self.rx.recv().map_err(|_| Error::WorkerGone)??;
+        self.next = if batch.position.batch + 1 < self.batches_per_epoch {
+            LoaderPosition {
+                epoch: batch.position.epoch,
+                batch: batch.position.batch + 1,
+            }
+        } else {
+            LoaderPosition {
+                epoch: batch.position.epoch + 1,
+                batch: 0,
+            }
+        };
+        Ok(batch)
+    }
+
+    /// The position of the next batch [`Self::next_batch`] returns.
+    pub fn position(&self) -> LoaderPosition {
+        self.next
+    }
+
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches_per_epoch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{vocabulary, SyntheticConfig};
+    use crate::Split;
+
+    fn setup() -> (Arc<Dataset>, Arc<TextTokenizer>, LoaderConfig) {
+        let cfg = SyntheticConfig {
+            train: 40,
+            val: 4,
+            test: 6,
+            image_size: 16,
+            seed: 1,
+        };
+        let data = Dataset::synthetic(&cfg).split(Split::Train).unwrap();
+        let tok = TextTokenizer::from_words(&vocabulary()).unwrap();
+        let lcfg = LoaderConfig {
+            batch_size: 8,
+            image: ImageConfig {
+                size: 16,
+                ..ImageConfig::default()
+            },
+            ..LoaderConfig::default()
+        };
+        (Arc::new(data), Arc::new(tok), lcfg)
+    }
+
+    #[test]
+    fn resumed_loader_yields_the_same_batches() {
+        let (data, tok, cfg) = setup();
+        let mut full = Loader::new(data.clone(), tok.clone(), cfg.clone(), LoaderPosition::default()).unwrap();
+        let per_epoch = full.batches_per_epoch();
+        assert_eq!(per_epoch, (data.pairs().len() / 8) as u64);
+        let all: Vec<Batch> = (0..per_epoch + 3).map(|_| full.next_batch().unwrap()).collect();
+        let cut = per_epoch as usize - 1;
+        let mut resumed = Loader::new(data, tok, cfg, all[cut].position).unwrap();
+        for want in &all[cut..] {
+            let got = resumed.next_batch().unwrap();
+            assert_eq!(got.captions, want.captions);
+            assert_eq!(got.item_indices, want.item_indices);
+            assert_eq!(
+                got.pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        // Epoch 1 is a different order from epoch 0.
+        assert_ne!(all[0].item_indices, all[per_epoch as usize].item_indices);
+    }
+
+    #[test]
+    fn a_corrupt_image_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("broken.png");
+        std::fs::write(&bad, b"\x89PNG garbage").unwrap();
+        let (_, tok, cfg) = setup();
+        let data = Dataset {
+            items: (0..8)
+                .map(|i| crate::Item {
+                    id: i,
+                    source: crate::ImageSource::Path(bad.clone()),
+                    captions: vec!["a red circle".into()],
+                    split: Split::Train,
+                    category: None,
+                })
+                .collect(),
+        };
+        let mut l = Loader::new(Arc::new(data), tok, cfg, LoaderPosition::default()).unwrap();
+        let e = l.next_batch().unwrap_err().to_string();
+        assert!(e.contains("broken.png"), "{e}");
+    }
+}
