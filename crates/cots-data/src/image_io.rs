@@ -43,7 +43,9 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
 
 /// Decodes image bytes; `origin` names them in errors.
 pub fn decode_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
-    let is_svg = origin.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    let is_svg = origin
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
         || bytes.trim_ascii_start().starts_with(b"<svg")
         || bytes.trim_ascii_start().starts_with(b"<?xml");
     if is_svg {
@@ -63,7 +65,8 @@ fn render_svg(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         path: origin.to_path_buf(),
         message,
     };
-    let tree = usvg::Tree::from_data(bytes, &usvg::Options::default()).map_err(|e| err(e.to_string()))?;
+    let tree =
+        usvg::Tree::from_data(bytes, &usvg::Options::default()).map_err(|e| err(e.to_string()))?;
     // Render at 256 px on the longer side; the transform resizes afterwards.
     let size = tree.size();
     let scale = 256.0 / size.width().max(size.height()).max(1.0);
@@ -73,9 +76,17 @@ fn render_svg(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
     );
     let mut pixmap = tiny_skia::Pixmap::new(w, h).ok_or_else(|| err("empty SVG canvas".into()))?;
     pixmap.fill(tiny_skia::Color::WHITE);
-    resvg::render(&tree, tiny_skia::Transform::from_scale(scale, scale), &mut pixmap.as_mut());
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
     // Premultiplied RGBA over a white background is already opaque RGB.
-    let rgb: Vec<u8> = pixmap.data().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    let rgb: Vec<u8> = pixmap
+        .data()
+        .chunks_exact(4)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect();
     RgbImage::from_raw(w, h, rgb).ok_or_else(|| err("bad SVG raster".into()))
 }
 
@@ -153,7 +164,9 @@ mod tests {
         std::fs::write(&bad, b"not an image").unwrap();
         let e = decode(&bad).unwrap_err().to_string();
         assert!(e.contains("c.jpg"), "{e}");
-        let e = decode(&dir.path().join("missing.png")).unwrap_err().to_string();
+        let e = decode(&dir.path().join("missing.png"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.png"), "{e}");
     }
 

@@ -106,7 +106,11 @@ impl Dataset {
     /// The embedded synthetic dataset, all splits.
     pub fn synthetic(cfg: &synthetic::SyntheticConfig) -> Self {
         let mut items = Vec::new();
-        for (split, n) in [(Split::Train, cfg.train), (Split::Val, cfg.val), (Split::Test, cfg.test)] {
+        for (split, n) in [
+            (Split::Train, cfg.train),
+            (Split::Val, cfg.val),
+            (Split::Test, cfg.test),
+        ] {
             for scene in synthetic::scenes(cfg, split, n) {
                 let id = items.len() as u32;
                 items.push(Item {
@@ -126,7 +130,12 @@ impl Dataset {
 
     /// The items of one split (ids are kept).
     pub fn split(&self, split: Split) -> Result<Self> {
-        let items: Vec<Item> = self.items.iter().filter(|i| i.split == split).cloned().collect();
+        let items: Vec<Item> = self
+            .items
+            .iter()
+            .filter(|i| i.split == split)
+            .cloned()
+            .collect();
         if items.is_empty() {
             return Err(Error::EmptySplit { split });
         }

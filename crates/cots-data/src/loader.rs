@@ -157,7 +157,13 @@ impl Loader {
                 let order = epoch_order(&pairs, cfg.seed, pos.epoch);
                 while pos.batch < batches_per_epoch {
                     let b0 = (pos.batch as usize) * cfg.batch_size;
-                    let batch = make_batch(&data, &tokenizer, &cfg, &order[b0..b0 + cfg.batch_size], pos);
+                    let batch = make_batch(
+                        &data,
+                        &tokenizer,
+                        &cfg,
+                        &order[b0..b0 + cfg.batch_size],
+                        pos,
+                    );
                     let failed = batch.is_err();
                     // A closed channel means the trainer is done with us.
                     if tx.send(batch).is_err() || failed {
@@ -236,10 +242,18 @@ mod tests {
     #[test]
     fn resumed_loader_yields_the_same_batches() {
         let (data, tok, cfg) = setup();
-        let mut full = Loader::new(data.clone(), tok.clone(), cfg.clone(), LoaderPosition::default()).unwrap();
+        let mut full = Loader::new(
+            data.clone(),
+            tok.clone(),
+            cfg.clone(),
+            LoaderPosition::default(),
+        )
+        .unwrap();
         let per_epoch = full.batches_per_epoch();
         assert_eq!(per_epoch, (data.pairs().len() / 8) as u64);
-        let all: Vec<Batch> = (0..per_epoch + 3).map(|_| full.next_batch().unwrap()).collect();
+        let all: Vec<Batch> = (0..per_epoch + 3)
+            .map(|_| full.next_batch().unwrap())
+            .collect();
         let cut = per_epoch as usize - 1;
         let mut resumed = Loader::new(data, tok, cfg, all[cut].position).unwrap();
         for want in &all[cut..] {

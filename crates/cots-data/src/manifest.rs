@@ -34,7 +34,9 @@ fn parse_split(s: Option<&str>) -> std::result::Result<Split, String> {
         "train" | "restval" => Ok(Split::Train),
         "val" | "valid" | "validation" => Ok(Split::Val),
         "test" => Ok(Split::Test),
-        other => Err(format!("unknown split `{other}` (train, restval, val or test)")),
+        other => Err(format!(
+            "unknown split `{other}` (train, restval, val or test)"
+        )),
     }
 }
 
@@ -117,7 +119,11 @@ pub fn load_karpathy(path: &Path, root: &Path) -> Result<Dataset> {
             message: format!("images[{i}] ({}): {message}", img.filename),
         };
         let split = parse_split(Some(&img.split)).map_err(err)?;
-        let captions: Vec<String> = img.sentences.iter().map(|s| s.raw.trim().to_string()).collect();
+        let captions: Vec<String> = img
+            .sentences
+            .iter()
+            .map(|s| s.raw.trim().to_string())
+            .collect();
         if let Some(c) = captions.iter().position(|c| c.is_empty()) {
             return Err(err(format!("sentence {c} is empty")));
         }
@@ -149,10 +155,22 @@ mod tests {
         assert_eq!(d.items[0].split, Split::Test);
         assert_eq!(d.items[1].source, ImageSource::Path("/data/b.png".into()));
         for (bad, want) in [
-            ("{\"image\": \"a.png\", \"captions\": [\"\"]}", "m.jsonl:1: caption 0 is empty"),
-            ("{\"image\": \"a.png\", \"captions\": []}\n{", "m.jsonl:1: no captions"),
-            ("{\"image\": \"a.png\", \"captions\": [\"a\"]}\n{oops", "m.jsonl:2:"),
-            ("{\"image\": \"a.png\", \"captions\": [\"a\"], \"split\": \"dev\"}", "unknown split `dev`"),
+            (
+                "{\"image\": \"a.png\", \"captions\": [\"\"]}",
+                "m.jsonl:1: caption 0 is empty",
+            ),
+            (
+                "{\"image\": \"a.png\", \"captions\": []}\n{",
+                "m.jsonl:1: no captions",
+            ),
+            (
+                "{\"image\": \"a.png\", \"captions\": [\"a\"]}\n{oops",
+                "m.jsonl:2:",
+            ),
+            (
+                "{\"image\": \"a.png\", \"captions\": [\"a\"], \"split\": \"dev\"}",
+                "unknown split `dev`",
+            ),
         ] {
             let e = parse_jsonl(bad, p, Path::new(".")).unwrap_err().to_string();
             assert!(e.contains(want), "{e} should contain {want}");
@@ -174,7 +192,10 @@ mod tests {
         let d = load_karpathy(&f, Path::new("/coco")).unwrap();
         assert_eq!(d.items[0].split, Split::Train);
         assert_eq!(d.items[0].captions, vec!["a dog", "a cat"]);
-        assert_eq!(d.items[0].source, ImageSource::Path("/coco/val2014/x.jpg".into()));
+        assert_eq!(
+            d.items[0].source,
+            ImageSource::Path("/coco/val2014/x.jpg".into())
+        );
         assert_eq!(d.items[1].split, Split::Test);
     }
 }

@@ -24,7 +24,13 @@ pub fn mlm_mask<R: Rng>(
     prob: f64,
     rng: &mut R,
 ) -> (Vec<u32>, Vec<i64>) {
-    let specials = [special.pad, special.unk, special.cls, special.sep, special.mask];
+    let specials = [
+        special.pad,
+        special.unk,
+        special.cls,
+        special.sep,
+        special.mask,
+    ];
     let mut masked = ids.to_vec();
     let mut labels = vec![IGNORE; ids.len()];
     for (i, (&id, &keep)) in ids.iter().zip(attention_mask).enumerate() {
@@ -83,7 +89,13 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn special() -> SpecialTokens {
-        SpecialTokens { pad: 0, unk: 1, cls: 2, sep: 3, mask: 4 }
+        SpecialTokens {
+            pad: 0,
+            unk: 1,
+            cls: 2,
+            sep: 3,
+            mask: 4,
+        }
     }
 
     #[test]
@@ -126,12 +138,25 @@ mod tests {
         }
         // Binomial(real, 0.15): mean 0.15 real, sd sqrt(real*0.15*0.85); allow 5 sd.
         let (mean, sd) = (0.15 * real as f64, (real as f64 * 0.15 * 0.85).sqrt());
-        assert!((chosen as f64 - mean).abs() < 5.0 * sd, "{chosen} of {real}");
+        assert!(
+            (chosen as f64 - mean).abs() < 5.0 * sd,
+            "{chosen} of {real}"
+        );
         // Of the chosen, 80 % become [MASK] (a random draw may also hit id 4, rarely).
         let (m2, sd2) = (0.8 * chosen as f64, (chosen as f64 * 0.8 * 0.2).sqrt());
-        assert!((as_mask as f64 - m2).abs() < 5.0 * sd2 + 2.0, "{as_mask} of {chosen}");
+        assert!(
+            (as_mask as f64 - m2).abs() < 5.0 * sd2 + 2.0,
+            "{as_mask} of {chosen}"
+        );
         // Same seed, same masks.
-        let again = mlm_mask(&ids, &att, &special(), 100, 0.15, &mut ChaCha8Rng::seed_from_u64(0));
+        let again = mlm_mask(
+            &ids,
+            &att,
+            &special(),
+            100,
+            0.15,
+            &mut ChaCha8Rng::seed_from_u64(0),
+        );
         assert_eq!(again, (masked, labels));
     }
 
@@ -154,7 +179,10 @@ mod tests {
                         || (y + 1 < h && m[p + w] == 1)
                 })
                 .count();
-            assert!(with_neighbour * 10 >= count * 7, "{with_neighbour} of {count}");
+            assert!(
+                with_neighbour * 10 >= count * 7,
+                "{with_neighbour} of {count}"
+            );
         }
     }
 }

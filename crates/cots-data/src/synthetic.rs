@@ -247,8 +247,14 @@ pub fn render(scene: &Scene, size: usize, seed: u64) -> Rgb {
     for (o, cx, cy) in placed {
         let r = radius(&o);
         let color = COLORS[o.color as usize].1;
-        let (x0, x1) = ((cx - r).floor().max(0.0) as usize, ((cx + r).ceil() as usize).min(size));
-        let (y0, y1) = ((cy - r).floor().max(0.0) as usize, ((cy + r).ceil() as usize).min(size));
+        let (x0, x1) = (
+            (cx - r).floor().max(0.0) as usize,
+            ((cx + r).ceil() as usize).min(size),
+        );
+        let (y0, y1) = (
+            (cy - r).floor().max(0.0) as usize,
+            ((cy + r).ceil() as usize).min(size),
+        );
         for y in y0..y1 {
             for x in x0..x1 {
                 if inside(o.shape, x as f32 + 0.5 - cx, y as f32 + 0.5 - cy, r) {
@@ -309,7 +315,9 @@ pub fn scenes(cfg: &SyntheticConfig, split: Split, n: usize) -> Vec<Scene> {
         let group: Vec<Scene> = if split == Split::Train {
             vec![scene]
         } else {
-            std::iter::once(scene.clone()).chain(hard_negatives(&scene)).collect()
+            std::iter::once(scene.clone())
+                .chain(hard_negatives(&scene))
+                .collect()
         };
         for s in group {
             // Train repeats scenes (new jitter each time); evaluation galleries
@@ -339,8 +347,10 @@ mod tests {
     #[test]
     fn splits_are_disjoint_by_family() {
         let cfg = SyntheticConfig::default();
-        let train: std::collections::HashSet<String> =
-            scenes(&cfg, Split::Train, 3000).iter().map(|s| s.family()).collect();
+        let train: std::collections::HashSet<String> = scenes(&cfg, Split::Train, 3000)
+            .iter()
+            .map(|s| s.family())
+            .collect();
         for s in scenes(&cfg, Split::Test, 200) {
             assert!(!train.contains(&s.family()), "{:?} leaks into train", s);
             assert_eq!(family_split(&s.family(), cfg.seed), Split::Test);
@@ -366,9 +376,21 @@ mod tests {
 
     #[test]
     fn pixels_at_shape_centres_have_the_caption_colours() {
-        let a = Object { shape: 1, color: 0, size: 1 };
-        let b = Object { shape: 0, color: 2, size: 1 };
-        let scene = Scene::Two { a, b, rel: Relation::LeftOf };
+        let a = Object {
+            shape: 1,
+            color: 0,
+            size: 1,
+        };
+        let b = Object {
+            shape: 0,
+            color: 2,
+            size: 1,
+        };
+        let scene = Scene::Two {
+            a,
+            b,
+            rel: Relation::LeftOf,
+        };
         for seed in 0..20 {
             let img = render(&scene, 64, seed);
             let px = |x: usize, y: usize| {
@@ -376,8 +398,14 @@ mod tests {
                 [img.data[p], img.data[p + 1], img.data[p + 2]]
             };
             // The left third contains red and no blue; the right third the reverse.
-            let left: Vec<[u8; 3]> = (0..64).flat_map(|y| (0..21).map(move |x| (x, y))).map(|(x, y)| px(x, y)).collect();
-            let right: Vec<[u8; 3]> = (0..64).flat_map(|y| (43..64).map(move |x| (x, y))).map(|(x, y)| px(x, y)).collect();
+            let left: Vec<[u8; 3]> = (0..64)
+                .flat_map(|y| (0..21).map(move |x| (x, y)))
+                .map(|(x, y)| px(x, y))
+                .collect();
+            let right: Vec<[u8; 3]> = (0..64)
+                .flat_map(|y| (43..64).map(move |x| (x, y)))
+                .map(|(x, y)| px(x, y))
+                .collect();
             assert!(left.contains(&COLORS[0].1) && !left.contains(&COLORS[2].1));
             assert!(right.contains(&COLORS[2].1) && !right.contains(&COLORS[0].1));
         }

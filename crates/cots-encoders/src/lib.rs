@@ -12,6 +12,7 @@ pub mod cross;
 pub mod dvae;
 mod error;
 pub mod momentum;
+pub mod temporal;
 pub mod tokenizer;
 pub mod two_stream;
 pub mod vit;

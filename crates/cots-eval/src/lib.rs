@@ -73,7 +73,12 @@ impl DirectionReport {
         let n = ranks.len().max(1) as f64;
         let recall = ks
             .iter()
-            .map(|&k| (k, 100.0 * ranks.iter().filter(|&&r| r <= k).count() as f64 / n))
+            .map(|&k| {
+                (
+                    k,
+                    100.0 * ranks.iter().filter(|&&r| r <= k).count() as f64 / n,
+                )
+            })
             .collect();
         let mut sorted = ranks.to_vec();
         sorted.sort_unstable();
@@ -113,7 +118,13 @@ pub struct RetrievalReport {
 }
 
 impl RetrievalReport {
-    fn new(modality: &str, n_images: usize, n_texts: usize, i2t: DirectionReport, t2i: DirectionReport) -> Self {
+    fn new(
+        modality: &str,
+        n_images: usize,
+        n_texts: usize,
+        i2t: DirectionReport,
+        t2i: DirectionReport,
+    ) -> Self {
         let rsum = i2t.recall.iter().chain(&t2i.recall).map(|(_, r)| r).sum();
         Self {
             modality: modality.to_string(),
@@ -128,7 +139,12 @@ impl RetrievalReport {
     /// The report as a Markdown table.
     pub fn to_markdown(&self) -> String {
         let (a, b) = self.direction_names();
-        let ks: Vec<String> = self.i2t.recall.iter().map(|(k, _)| format!("R@{k}")).collect();
+        let ks: Vec<String> = self
+            .i2t
+            .recall
+            .iter()
+            .map(|(k, _)| format!("R@{k}"))
+            .collect();
         let mut s = format!(
             "| direction | {} | MedR | MeanR |\n|---|{}---|---|\n",
             ks.join(" | "),
@@ -136,7 +152,12 @@ impl RetrievalReport {
         );
         for (name, d) in [(a, &self.i2t), (b, &self.t2i)] {
             let r: Vec<String> = d.recall.iter().map(|(_, r)| format!("{r:.1}")).collect();
-            s += &format!("| {name} | {} | {} | {:.1} |\n", r.join(" | "), d.median_rank, d.mean_rank);
+            s += &format!(
+                "| {name} | {} | {} | {:.1} |\n",
+                r.join(" | "),
+                d.median_rank,
+                d.mean_rank
+            );
         }
         s += &format!(
             "\nRSUM {:.1} over {} {}s and {} texts.\n",
@@ -255,7 +276,12 @@ pub fn evaluate_embeddings(
     text_to_image: &[usize],
     opts: &EvalOptions,
 ) -> Result<RetrievalReport> {
-    evaluate_scorer(&EmbeddingScorer::new(images, texts)?, text_to_image, opts, "image")
+    evaluate_scorer(
+        &EmbeddingScorer::new(images, texts)?,
+        text_to_image,
+        opts,
+        "image",
+    )
 }
 
 /// Evaluates any [`PairScorer`]; `modality` labels the gallery ("image" or "video").
@@ -352,7 +378,8 @@ pub fn top_k(queries: &Tensor, gallery: &Tensor, k: usize) -> Result<Vec<Vec<(us
             let s = scorer.score_block(0..n, c0..c0 + cols)?;
             Ok((0..cols)
                 .map(|c| {
-                    let mut items: Vec<(usize, f32)> = (0..n).map(|i| (i, s[i * cols + c])).collect();
+                    let mut items: Vec<(usize, f32)> =
+                        (0..n).map(|i| (i, s[i * cols + c])).collect();
                     let order = |a: &(usize, f32), b: &(usize, f32)| {
                         b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
                     };
@@ -389,7 +416,11 @@ mod tests {
         let i2t = (0..img.len())
             .map(|i| {
                 let s: Vec<f32> = txt.iter().map(|t| dot(&img[i], t)).collect();
-                (0..txt.len()).filter(|&j| t2i[j] == i).map(|j| rank(s.clone(), j)).min().unwrap()
+                (0..txt.len())
+                    .filter(|&j| t2i[j] == i)
+                    .map(|j| rank(s.clone(), j))
+                    .min()
+                    .unwrap()
             })
             .collect();
         let t2i_r = (0..txt.len())
@@ -398,7 +429,11 @@ mod tests {
         (i2t, t2i_r)
     }
 
-    fn random_case(seed: u64, n: usize, quantise: bool) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<usize>) {
+    fn random_case(
+        seed: u64,
+        n: usize,
+        quantise: bool,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<usize>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let d = 8;
         let vec = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
@@ -406,7 +441,11 @@ mod tests {
                 .map(|_| {
                     let v: f32 = rng.random_range(-1.0..1.0);
                     // Quantised coordinates make exact score ties common.
-                    if quantise { (v * 2.0).round() / 2.0 } else { v }
+                    if quantise {
+                        (v * 2.0).round() / 2.0
+                    } else {
+                        v
+                    }
                 })
                 .collect()
         };
@@ -444,7 +483,10 @@ mod tests {
                 DirectionReport::from_ranks(&bt, &ks),
             );
             for block in [1, 7, 1000] {
-                let opts = EvalOptions { ks: ks.clone(), block };
+                let opts = EvalOptions {
+                    ks: ks.clone(),
+                    block,
+                };
                 let got = evaluate_embeddings(&tensor(&img), &tensor(&txt), &t2i, &opts).unwrap();
                 assert_eq!(got, want, "seed {seed} block {block}");
             }
@@ -458,7 +500,8 @@ mod tests {
         let img = vec![vec![1.0, 0.0]; 3];
         let txt = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.0, 1.0]];
         let t2i = vec![2, 0, 1];
-        let r = evaluate_embeddings(&tensor(&img), &tensor(&txt), &t2i, &EvalOptions::default()).unwrap();
+        let r = evaluate_embeddings(&tensor(&img), &tensor(&txt), &t2i, &EvalOptions::default())
+            .unwrap();
         assert_eq!(r.t2i.at(1), Some(100.0 / 3.0));
         assert_eq!(r.t2i.median_rank, 2.0);
     }
@@ -467,9 +510,11 @@ mod tests {
     fn bad_targets_are_named() {
         let img = vec![vec![1.0, 0.0]; 2];
         let txt = vec![vec![1.0, 0.0]];
-        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[5], &EvalOptions::default()).unwrap_err();
+        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[5], &EvalOptions::default())
+            .unwrap_err();
         assert!(e.to_string().contains("caption 0 points at image 5"), "{e}");
-        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[0], &EvalOptions::default()).unwrap_err();
+        let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[0], &EvalOptions::default())
+            .unwrap_err();
         assert!(e.to_string().contains("image 1 has no caption"), "{e}");
     }
 

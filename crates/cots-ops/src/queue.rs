@@ -60,7 +60,13 @@ fn full_logits(q: &Tensor, k: &Tensor, queue: &Tensor, tau: &Tensor) -> Result<T
 }
 
 /// Positive mask `[B, 1+K]` (1.0 for column 0 and same-id slots) in `dtype`.
-fn positive_mask(b: usize, k: usize, ids: Option<PositiveIds>, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+fn positive_mask(
+    b: usize,
+    k: usize,
+    ids: Option<PositiveIds>,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let first = Tensor::ones((b, 1), dtype, dev)?;
     let rest = match ids {
         Some(ids) => {

@@ -1,1 +1,54 @@
-//! placeholder
+//! # cots-train: how is a model trained, checkpointed and resumed?
+//!
+//! - [`config`]: the run config (TOML), validated before any work;
+//! - [`model`]: the trainable system (online and momentum towers, objectives,
+//!   frozen visual tokenizer) and the forward half of a step;
+//! - [`trainer`]: the loop: data, step order, clipping, AdamW, EMA, enqueue,
+//!   logging, validation, atomic checkpoints, exact resume;
+//! - [`optim`], [`schedule`]: AdamW with decay groups, warm-up + cosine;
+//! - [`checkpoint`], [`metrics`]: what is written to disk;
+//! - [`inference`]: loading a trained run to evaluate, embed and search.
+
+pub mod checkpoint;
+pub mod config;
+pub mod inference;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod schedule;
+pub mod tokenizer_train;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+/// Errors of training; each names the file or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    NonFinite(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Encoders(#[from] cots_encoders::Error),
+    #[error(transparent)]
+    Objectives(#[from] cots_objectives::Error),
+    #[error(transparent)]
+    Data(#[from] cots_data::Error),
+    #[error(transparent)]
+    Eval(#[from] cots_eval::Error),
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

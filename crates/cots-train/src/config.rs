@@ -1,0 +1,207 @@
+//! What does a run do? The run config (TOML), validated before any work.
+
+use std::path::{Path, PathBuf};
+
+use cots_data::image_io::ImageConfig;
+use cots_data::synthetic::SyntheticConfig;
+use cots_objectives::ObjectivesConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimConfig;
+use crate::schedule::ScheduleConfig;
+use crate::{Error, Result};
+
+/// Which towers, and where their starting weights come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny`, `small` or `base`; ignored when `config` is set.
+    pub preset: String,
+    /// A two-stream config file (TOML or JSON) instead of a preset.
+    pub config: Option<PathBuf>,
+    /// A Hugging Face BERT-family directory (config.json, model.safetensors,
+    /// tokenizer.json or vocab.txt) to initialise the text tower and tokenizer.
+    pub text_init: Option<PathBuf>,
+    /// A visual tokenizer directory from `cots train-tokenizer` (needed by MVM).
+    pub dvae: Option<PathBuf>,
+    /// A previous run directory to start from (fine-tuning).
+    pub init: Option<PathBuf>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "small".into(),
+            config: None,
+            text_init: None,
+            dvae: None,
+            init: None,
+        }
+    }
+}
+
+/// Where pairs come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// `synthetic`, `manifest` (JSONL) or `karpathy`.
+    pub kind: String,
+    pub path: Option<PathBuf>,
+    /// Relative image paths resolve against this directory (default: the
+    /// manifest's directory).
+    pub root: Option<PathBuf>,
+    pub synthetic: SyntheticConfig,
+    pub batch_size: usize,
+    pub max_text_len: usize,
+    pub image: ImageConfig,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            kind: "synthetic".into(),
+            path: None,
+            root: None,
+            synthetic: SyntheticConfig::default(),
+            batch_size: 32,
+            max_text_len: 32,
+            image: ImageConfig::default(),
+        }
+    }
+}
+
+/// How long, how often, and with which seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: u64,
+    pub seed: u64,
+    /// EMA momentum of the momentum encoders.
+    pub momentum: f64,
+    pub mlm_prob: f64,
+    pub mvm_ratio: f64,
+    pub log_every: u64,
+    /// Validation every N steps (0: never).
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+    pub out: PathBuf,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            seed: 0,
+            momentum: 0.995,
+            mlm_prob: 0.15,
+            mvm_ratio: 0.4,
+            log_every: 10,
+            eval_every: 200,
+            checkpoint_every: 200,
+            keep_last: 3,
+            out: PathBuf::from("runs/cots"),
+        }
+    }
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainSection,
+    pub objectives: ObjectivesConfig,
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML run config; errors name the file and position.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Checks what serde cannot: ranges and combinations.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !["tiny", "small", "base"].contains(&self.model.preset.as_str())
+            && self.model.config.is_none()
+        {
+            return bad(format!(
+                "model.preset `{}` is not tiny, small or base",
+                self.model.preset
+            ));
+        }
+        if !["synthetic", "manifest", "karpathy"].contains(&self.data.kind.as_str()) {
+            return bad(format!(
+                "data.kind `{}` is not synthetic, manifest or karpathy",
+                self.data.kind
+            ));
+        }
+        if self.data.kind != "synthetic" && self.data.path.is_none() {
+            return bad(format!(
+                "data.kind = \"{}\" needs data.path",
+                self.data.kind
+            ));
+        }
+        if self.data.batch_size == 0 {
+            return bad("data.batch_size must be at least 1".into());
+        }
+        if self.optim.accumulation == 0 {
+            return bad("optim.accumulation must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.train.momentum) {
+            return bad(format!(
+                "train.momentum {} is outside [0, 1]",
+                self.train.momentum
+            ));
+        }
+        if self.train.steps == 0 {
+            return bad("train.steps must be at least 1".into());
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return bad(format!("optim.lr {} must be positive", self.optim.lr));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_parses_and_typos_are_caught() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/demo.toml");
+        let cfg = RunConfig::load(&path).unwrap();
+        assert_eq!(cfg.data.kind, "synthetic");
+        let round: RunConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(round, cfg);
+        let e = toml::from_str::<RunConfig>("[train]\nstep = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step"), "{e}");
+        let mut bad = cfg.clone();
+        bad.data.batch_size = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("batch_size"));
+    }
+}

@@ -1,0 +1,435 @@
+//! The subcommands: flags in, one validated request, library calls out.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use cots_data::{Dataset, ImageSource, Split};
+use cots_encoders::dvae;
+use cots_eval::top_k;
+use cots_train::config::RunConfig;
+use cots_train::inference::Run;
+use cots_train::trainer::{load_dataset, Trainer};
+
+/// What every command gets.
+pub struct Ctx {
+    pub device: Device,
+    pub quiet: bool,
+}
+
+/// The demo's run config, embedded so the demo needs no file.
+const DEMO_CONFIG: &str = include_str!("../../../configs/demo.toml");
+
+/// Picks the device, saying which and why.
+pub fn select_device(spec: &str) -> Result<Device> {
+    let cuda_built = cfg!(feature = "cuda");
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cuda_built && cuda_driver_present() {
+                tracing::info!("device: cuda:0 (a CUDA driver was found)");
+                Ok(Device::new_cuda(0)?)
+            } else {
+                let why = if cuda_built {
+                    "no CUDA driver (libcuda.so.1) was found"
+                } else {
+                    "this build has no CUDA support"
+                };
+                tracing::info!("device: cpu ({why})");
+                Ok(Device::Cpu)
+            }
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .with_context(|| format!("bad device `{s}`"))?;
+            if !cuda_built {
+                bail!("`--device {s}`: this binary was built without CUDA (build with `--features cuda`)");
+            }
+            if !cuda_driver_present() {
+                bail!("`--device {s}`: no CUDA driver (libcuda.so.1) was found on this machine");
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+        other => bail!("unknown device `{other}` (auto, cpu, cuda or cuda:N)"),
+    }
+}
+
+/// cudarc panics without a driver, so look for the library first.
+fn cuda_driver_present() -> bool {
+    [
+        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+        "/usr/lib64/libcuda.so.1",
+        "/usr/lib/libcuda.so.1",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists())
+        || std::env::var_os("LD_LIBRARY_PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|d| d.join("libcuda.so.1").exists())
+        })
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo run is written (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Training steps (the default fits in a few minutes on two cores).
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run config (TOML); see configs/demo.toml for every section.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Continue the run in the config's output directory from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override train.out.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override train.steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainTokenizerArgs {
+    /// Run config whose data section names the images (default: the demo's synthetic data).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// ViT preset the codes must match: tiny, small or base.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Output directory (dvae.json, dvae.safetensors, report.json).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory written by `cots train` or `cots demo`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Split to evaluate.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Evaluate on this dataset instead of the run's own (a run config whose
+    /// data section names it).
+    #[arg(long)]
+    pub data_config: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also write the report as Markdown here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// A run config naming another dataset (default: the run's own).
+    #[arg(long)]
+    pub data_config: Option<PathBuf>,
+    /// Output safetensors file (a JSON sidecar with paths and captions is written beside it).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The text query (omit with --image).
+    pub query: Option<String>,
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Embeddings written by `cots embed`.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Search captions with this image instead of a text query.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(short, long, default_value_t = 5)]
+    pub k: usize,
+    /// Search even if the index was built by another checkpoint.
+    #[arg(long)]
+    pub allow_model_mismatch: bool,
+}
+
+fn parse_split(s: &str) -> Result<Split> {
+    Ok(match s {
+        "train" => Split::Train,
+        "val" => Split::Val,
+        "test" => Split::Test,
+        other => bail!("unknown split `{other}` (train, val or test)"),
+    })
+}
+
+pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
+    let mut cfg: RunConfig = toml::from_str(DEMO_CONFIG).context("the embedded demo config")?;
+    cfg.train.out = a.out.clone();
+    if let Some(s) = a.steps {
+        cfg.train.steps = s;
+    }
+    if a.out.join("checkpoints").exists() {
+        if !a.out.join(cots_train::inference::CONFIG_FILE).exists() {
+            bail!(
+                "{} exists and is not a cots run: choose another --out",
+                a.out.display()
+            );
+        }
+        std::fs::remove_dir_all(&a.out)
+            .with_context(|| format!("clearing the earlier demo in {}", a.out.display()))?;
+    }
+    println!(
+        "COTS demo: training a {} two-stream model on the embedded synthetic scenes ({} steps of {} pairs)",
+        cfg.model.preset, cfg.train.steps, cfg.data.batch_size
+    );
+    let mut trainer = Trainer::new(cfg, &ctx.device, false)?;
+    let summary = trainer.run(ctx.quiet)?;
+    println!(
+        "trained {} steps in {:.0} s, final loss {:.3}; run saved in {}",
+        summary.steps,
+        summary.seconds,
+        summary.final_loss,
+        a.out.display()
+    );
+    let report = trainer.evaluate(Split::Test)?;
+    println!(
+        "\nHeld-out test split (unseen scene families, hard negatives in the gallery):\n{report}"
+    );
+    let chance = 100.0 / report.n_images as f64;
+    println!("(chance text-to-image R@1 is {chance:.1}%)");
+    write_reports(&report, &a.out.join("eval.json"), &a.out.join("eval.md"))?;
+
+    let run = Run::open(&a.out, &ctx.device)?;
+    let data = load_dataset(&run.cfg)?.split(Split::Test)?;
+    let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
+    let gallery = run.embed_images(&sources)?;
+    println!(
+        "\nExample searches over the {} test images:",
+        data.items.len()
+    );
+    for item in data
+        .items
+        .iter()
+        .step_by((data.items.len() / 3).max(1))
+        .take(3)
+    {
+        let q = &item.captions[0];
+        let emb = run.embed_texts(std::slice::from_ref(q))?;
+        let hits = &top_k(&emb, &gallery, 3)?[0];
+        println!("  \"{q}\"");
+        for (rank, (i, score)) in hits.iter().enumerate() {
+            let mark = if data.items[*i].id == item.id {
+                "  <- the described image"
+            } else {
+                ""
+            };
+            println!(
+                "    {}. {:.3}  {}{mark}",
+                rank + 1,
+                score,
+                data.items[*i].captions[0]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn write_reports(report: &cots_eval::RetrievalReport, json: &Path, md: &Path) -> Result<()> {
+    std::fs::write(json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    std::fs::write(md, report.to_markdown())
+        .with_context(|| format!("writing {}", md.display()))?;
+    Ok(())
+}
+
+pub fn train(ctx: &Ctx, a: TrainArgs) -> Result<()> {
+    let mut cfg = RunConfig::load(&a.config)?;
+    if let Some(o) = a.out {
+        cfg.train.out = o;
+    }
+    if let Some(s) = a.steps {
+        cfg.train.steps = s;
+    }
+    let mut trainer = Trainer::new(cfg, &ctx.device, a.resume)?;
+    let s = trainer.run(ctx.quiet)?;
+    println!(
+        "trained to step {} in {:.0} s (final loss {:.4}); checkpoint {}",
+        s.steps,
+        s.seconds,
+        s.final_loss,
+        s.checkpoint.display()
+    );
+    Ok(())
+}
+
+pub fn train_tokenizer(ctx: &Ctx, a: TrainTokenizerArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => RunConfig::load(p)?,
+        None => toml::from_str(DEMO_CONFIG)?,
+    };
+    let dcfg = match a.preset.as_str() {
+        "tiny" => dvae::Config::tiny(),
+        "small" => dvae::Config::small(),
+        "base" => dvae::Config::base(),
+        other => bail!("unknown preset `{other}` (tiny, small or base)"),
+    };
+    let r = cots_train::tokenizer_train::train_tokenizer(
+        &cfg,
+        &dcfg,
+        a.steps,
+        &a.out,
+        &ctx.device,
+        ctx.quiet,
+    )?;
+    println!(
+        "visual tokenizer saved in {}: reconstruction MSE {:.4}, code perplexity {:.1}, {:.0}% of {} codes used",
+        a.out.display(),
+        r.recon_mse,
+        r.perplexity,
+        100.0 * r.usage,
+        r.codebook_size
+    );
+    Ok(())
+}
+
+fn dataset_for(run: &Run, data_config: Option<&Path>, split: &str) -> Result<Dataset> {
+    let cfg = match data_config {
+        Some(p) => RunConfig::load(p)?,
+        None => run.cfg.clone(),
+    };
+    Ok(load_dataset(&cfg)?.split(parse_split(split)?)?)
+}
+
+pub fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
+    let run = Run::open(&a.run, &ctx.device)?;
+    let data = dataset_for(&run, a.data_config.as_deref(), &a.split)?;
+    let report = run.evaluate(&data)?;
+    println!("{report}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, report.to_markdown())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+pub fn embed(ctx: &Ctx, a: EmbedArgs) -> Result<()> {
+    let run = Run::open(&a.run, &ctx.device)?;
+    let data = dataset_for(&run, a.data_config.as_deref(), &a.split)?;
+    let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
+    let (texts, targets) = data.queries();
+    let img = run.embed_images(&sources)?;
+    let txt = run.embed_texts(&texts)?;
+    let targets: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
+    let n = targets.len();
+    let tensors: HashMap<String, Tensor> = [
+        ("image_embeddings".to_string(), img),
+        ("text_embeddings".to_string(), txt),
+        (
+            "text_to_image".to_string(),
+            Tensor::from_vec(targets, n, &Device::Cpu)?,
+        ),
+    ]
+    .into();
+    candle_core::safetensors::save(&tensors, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let meta = serde_json::json!({
+        "weights_hash": run.weights_hash,
+        "run": run.dir,
+        "images": data.items.iter().map(|i| i.source.describe()).collect::<Vec<_>>(),
+        "image_ids": data.items.iter().map(|i| i.id).collect::<Vec<_>>(),
+        "texts": texts,
+    });
+    let side = a.out.with_extension("json");
+    std::fs::write(&side, serde_json::to_string_pretty(&meta)?)
+        .with_context(|| format!("writing {}", side.display()))?;
+    println!(
+        "embedded {} images and {} captions into {} (+ {})",
+        data.items.len(),
+        n,
+        a.out.display(),
+        side.display()
+    );
+    Ok(())
+}
+
+pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
+    let run = Run::open(&a.run, &ctx.device)?;
+    let side = a.index.with_extension("json");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&side).with_context(|| format!("reading {}", side.display()))?,
+    )
+    .with_context(|| format!("parsing {}", side.display()))?;
+    let built_with = meta["weights_hash"].as_str().unwrap_or("");
+    if built_with != run.weights_hash && !a.allow_model_mismatch {
+        bail!(
+            "{} was embedded by another checkpoint (weights {built_with}, this run's are {}): re-embed it, \
+             or pass --allow-model-mismatch",
+            a.index.display(),
+            run.weights_hash
+        );
+    }
+    let tensors = candle_core::safetensors::load(&a.index, &Device::Cpu)
+        .with_context(|| format!("reading {}", a.index.display()))?;
+    let get = |k: &str| -> Result<Tensor> {
+        Ok(tensors
+            .get(k)
+            .with_context(|| format!("{} has no `{k}`", a.index.display()))?
+            .to_dtype(DType::F32)?
+            .to_device(&ctx.device)?)
+    };
+    let names = |key: &str| -> Vec<String> {
+        meta[key]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|x| x.as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (query, gallery, labels, what) = match (&a.query, &a.image) {
+        (Some(q), None) => {
+            if q.trim().is_empty() {
+                bail!("the query is empty");
+            }
+            (
+                run.embed_texts(std::slice::from_ref(q))?,
+                get("image_embeddings")?,
+                names("images"),
+                "images",
+            )
+        }
+        (None, Some(p)) => (
+            run.embed_images(&[ImageSource::Path(p.clone())])?,
+            get("text_embeddings")?,
+            names("texts"),
+            "captions",
+        ),
+        _ => bail!("give either a text query or --image PATH"),
+    };
+    let hits = &top_k(&query, &gallery, a.k)?[0];
+    println!("top {} {what}:", hits.len());
+    for (rank, (i, s)) in hits.iter().enumerate() {
+        let label = labels.get(*i).map(String::as_str).unwrap_or("?");
+        println!("{:>3}. {s:.4}  {label}", rank + 1);
+    }
+    Ok(())
+}
