@@ -19,6 +19,9 @@ pub struct ModelSection {
     pub preset: String,
     /// A two-stream config file (TOML or JSON) instead of a preset.
     pub config: Option<PathBuf>,
+    /// An inline two-stream config (`[model.two_stream]`) instead of a preset;
+    /// its text vocabulary size is replaced by the tokenizer's.
+    pub two_stream: Option<cots_encoders::two_stream::Config>,
     /// A Hugging Face BERT-family directory (config.json, model.safetensors,
     /// tokenizer.json or vocab.txt) to initialise the text tower and tokenizer.
     pub text_init: Option<PathBuf>,
@@ -33,6 +36,7 @@ impl Default for ModelSection {
         Self {
             preset: "small".into(),
             config: None,
+            two_stream: None,
             text_init: None,
             dvae: None,
             init: None,

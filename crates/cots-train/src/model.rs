@@ -78,6 +78,7 @@ impl System {
         objectives: &ObjectivesConfig,
         dvae_path: Option<&Path>,
         device: &Device,
+        seed: u64,
     ) -> Result<Self> {
         let online = VarMap::new();
         let vb = VarBuilder::from_varmap(&online, DType::F32, device);
@@ -86,7 +87,6 @@ impl System {
         let vb_m = VarBuilder::from_varmap(&momentum_vars, DType::F32, device);
         let model_m = TwoStream::new(cfg, vb_m.pp(MODEL_PREFIX))?;
         let ema = Momentum::with_prefix(&online, &momentum_vars, MODEL_PREFIX)?;
-        ema.copy_from_online()?;
 
         let dvae = match dvae_path {
             Some(dir) => Some(load_dvae(dir, device)?),
@@ -101,6 +101,8 @@ impl System {
             codebook,
         };
         let objectives = cots_objectives::build(objectives, dims, vb.pp(HEADS_PREFIX))?;
+        seed_init(&online, seed)?;
+        ema.copy_from_online()?;
         if objectives.needs().dvae_codes && dvae.is_none() {
             return Err(Error::Config(
                 "masked vision modeling needs a visual tokenizer: run `cots train-tokenizer` and set \
@@ -256,6 +258,54 @@ pub fn sorted_vars(map: &VarMap) -> Vec<(String, candle_core::Var)> {
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
+}
+
+/// Re-initialises every randomly initialised variable of `map` from a
+/// generator seeded by `seed`, so that two runs with one seed start from the
+/// same weights.
+///
+/// candle's CPU random number generator cannot be seeded, so a fresh
+/// `VarMap` differs from run to run. Constants (LayerNorm ones and zeros, the
+/// temperature) are kept; random vectors (biases) become zeros; embedding
+/// tables and learned tokens are drawn from N(0, 0.02^2) as in BERT and ViT;
+/// every other random matrix or kernel from LeCun's N(0, 1/fan_in).
+pub fn seed_init(map: &VarMap, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    for (i, (name, var)) in sorted_vars(map).into_iter().enumerate() {
+        let n = var.elem_count();
+        if n < 2 {
+            continue;
+        }
+        let v = var.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if v.iter().all(|x| *x == v[0]) {
+            continue;
+        }
+        let dims = var.dims();
+        let new = if dims.len() == 1 {
+            var.zeros_like()?
+        } else {
+            let std = if name.contains("embeddings") || name.ends_with("_token") {
+                0.02
+            } else {
+                let fan_in: usize = dims[1..].iter().product();
+                1.0 / (fan_in.max(1) as f64).sqrt()
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let draws: Vec<f32> = (0..n)
+                .map(|_| {
+                    // Box-Muller.
+                    let u1: f64 = rng.random::<f64>().max(1e-300);
+                    let u2: f64 = rng.random();
+                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect();
+            Tensor::from_vec(draws, var.shape(), var.device())?.to_dtype(var.dtype())?
+        };
+        var.set(&new)?;
+    }
+    Ok(())
 }
 
 /// File names of a saved visual tokenizer.

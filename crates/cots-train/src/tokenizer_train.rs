@@ -71,6 +71,7 @@ pub fn train_tokenizer(
 
     let map = VarMap::new();
     let model = Dvae::new(dvae_cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
+    crate::model::seed_init(&map, cfg.train.seed)?;
     let vars = sorted_vars(&map);
     let mut opt = AdamW::new(
         vars.clone(),

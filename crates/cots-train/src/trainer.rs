@@ -118,9 +118,10 @@ fn make_tokenizer(cfg: &RunConfig, data: &Dataset) -> Result<TextTokenizer> {
 }
 
 fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
-    let mut m = match &cfg.model.config {
-        Some(p) => two_stream::Config::load(p)?,
-        None => match cfg.model.preset.as_str() {
+    let mut m = match (&cfg.model.config, &cfg.model.two_stream) {
+        (Some(p), _) => two_stream::Config::load(p)?,
+        (None, Some(inline)) => inline.clone(),
+        (None, None) => match cfg.model.preset.as_str() {
             "tiny" => two_stream::Config::tiny(vocab),
             "small" => two_stream::Config::small(vocab),
             _ => two_stream::Config::base(),
@@ -174,6 +175,7 @@ impl Trainer {
             &cfg.objectives,
             cfg.model.dvae.as_deref(),
             device,
+            cfg.train.seed,
         )?;
 
         if let Some(dir) = &cfg.model.text_init {
