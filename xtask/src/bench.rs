@@ -15,9 +15,23 @@ use crate::util::{cargo, exec, root};
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let criterion_args: &[&str] = if quick {
-        &["--warm-up-time", "0.5", "--measurement-time", "2", "--sample-size", "10"]
+        &[
+            "--warm-up-time",
+            "0.5",
+            "--measurement-time",
+            "2",
+            "--sample-size",
+            "10",
+        ]
     } else {
-        &["--warm-up-time", "2", "--measurement-time", "10", "--sample-size", "10"]
+        &[
+            "--warm-up-time",
+            "2",
+            "--measurement-time",
+            "10",
+            "--sample-size",
+            "10",
+        ]
     };
     let mut bench = cargo(["bench", "-p", "cots-benches", "--benches", "--"]);
     bench.args(criterion_args);
@@ -30,7 +44,11 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         vec!["--preset".into(), "small".into()]
     };
-    crate::speedup::run(&speedup_args)?;
+    if crate::speedup::available() {
+        crate::speedup::run(&speedup_args)?;
+    } else {
+        eprintln!("skipping the speedup comparison: benches/src/bin/speedup.rs is not built yet");
+    }
     if !quick {
         run_pytorch_references()?;
     }
@@ -61,4 +79,3 @@ fn run_pytorch_references() -> Result<()> {
     }
     Ok(())
 }
-

@@ -17,4 +17,3 @@ pub fn run(_args: &[String]) -> Result<()> {
     exec(cargo(["test", "--workspace"]))?;
     Ok(())
 }
-

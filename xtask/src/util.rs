@@ -27,7 +27,9 @@ where
 pub fn exec(mut cmd: Command) -> Result<()> {
     let line = format!("{cmd:?}");
     eprintln!("$ {line}");
-    let status = cmd.status().with_context(|| format!("could not start {line}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {line}"))?;
     if !status.success() {
         bail!("{line} failed with {status}");
     }

@@ -8,12 +8,16 @@
 //! - [`image_io`]: decoding (PNG, JPEG, WebP, GIF, SVG) and transforms.
 //! - [`masking`]: MLM and blockwise patch masking, seeded.
 //! - [`loader`]: the bounded, prefetching, resumable batch loader.
+//! - [`video`]: text-to-video: frame sources (folders, GIF, WebP, ffmpeg), TSN
+//!   sampling, MSR-VTT / JSONL video annotations, the synthetic order-sensitive
+//!   clip set.
 
 pub mod image_io;
 pub mod loader;
 pub mod manifest;
 pub mod masking;
 pub mod synthetic;
+pub mod video;
 
 use std::path::PathBuf;
 
@@ -48,6 +52,8 @@ pub enum Error {
     EmptySplit { split: Split },
     #[error("the loader's worker stopped unexpectedly")]
     WorkerGone,
+    #[error(transparent)]
+    Video(#[from] video::Error),
     #[error(transparent)]
     Encoders(#[from] cots_encoders::Error),
     #[error(transparent)]

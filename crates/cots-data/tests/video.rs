@@ -3,11 +3,7 @@
 //! source kind, bad files are errors naming the file, annotation formats
 //! parse, and the synthetic set's twins are exact time reversals.
 
-// Until `pub mod video;` is in lib.rs the module is compiled here directly;
-// then this becomes `use cots_data::video;`.
-#[allow(dead_code, unused_imports)]
-#[path = "../src/video/mod.rs"]
-mod video;
+use cots_data::video;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

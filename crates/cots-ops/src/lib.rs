@@ -12,5 +12,6 @@
 
 pub mod nn;
 pub mod queue;
+pub mod queue_fused;
 
 pub use nn::{dropout, layer_norm, softmax_last_dim, SeededRng};

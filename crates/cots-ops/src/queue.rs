@@ -135,8 +135,8 @@ pub fn queue_kl_naive(
 
 /// Instance-level contrastive loss over a negative queue (see the module doc).
 ///
-/// Dispatches to the fused tiled op; the result equals
-/// [`queue_contrastive_naive`] up to floating-point rounding.
+/// On the CPU (f32 or f64) this is the fused tiled op of [`crate::queue_fused`];
+/// elsewhere the naive composition. Both agree up to floating-point rounding.
 pub fn queue_contrastive(
     q: &Tensor,
     k: &Tensor,
@@ -144,12 +144,38 @@ pub fn queue_contrastive(
     ids: Option<PositiveIds>,
     tau: &Tensor,
 ) -> Result<QueueContrastiveOutput> {
-    queue_contrastive_naive(q, k, queue, ids, tau)
+    if !fused_applies(q) {
+        return queue_contrastive_naive(q, k, queue, ids, tau);
+    }
+    let ids = match ids {
+        Some(ids) => Some((
+            ids.rows
+                .flatten_all()?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?,
+            ids.queue
+                .flatten_all()?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?,
+        )),
+        None => None,
+    };
+    let out = crate::queue_fused::queue_contrastive_fused(&q.broadcast_div(tau)?, k, queue, ids)?;
+    Ok(QueueContrastiveOutput {
+        loss: out.narrow(1, 0, 1)?.squeeze(1)?,
+        lse: out.narrow(1, 1, 1)?.squeeze(1)?,
+    })
+}
+
+/// Whether the fused CPU op handles these inputs.
+fn fused_applies(q: &Tensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
 }
 
 /// Task-level KL between the two retrieval distributions over lockstep queues.
 ///
-/// Dispatches to the fused tiled op; equals [`queue_kl_naive`] up to rounding.
+/// On the CPU (f32 or f64) this is the fused tiled op of [`crate::queue_fused`];
+/// elsewhere the naive composition. Both agree up to rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn queue_kl(
     f: &Tensor,
@@ -161,5 +187,16 @@ pub fn queue_kl(
     tau: &Tensor,
     direction: KlDirection,
 ) -> Result<Tensor> {
-    queue_kl_naive(f, t_m, queue_t, t, f_m, queue_i, tau, direction)
+    if !fused_applies(f) {
+        return queue_kl_naive(f, t_m, queue_t, t, f_m, queue_i, tau, direction);
+    }
+    crate::queue_fused::queue_kl_fused(
+        &f.broadcast_div(tau)?,
+        t_m,
+        queue_t,
+        &t.broadcast_div(tau)?,
+        f_m,
+        queue_i,
+        direction,
+    )
 }

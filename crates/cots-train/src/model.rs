@@ -276,7 +276,11 @@ pub fn seed_init(map: &VarMap, seed: u64) -> Result<()> {
         if n < 2 {
             continue;
         }
-        let v = var.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let v = var
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         if v.iter().all(|x| *x == v[0]) {
             continue;
         }

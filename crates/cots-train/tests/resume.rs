@@ -53,11 +53,20 @@ fn resumed_run_matches_the_uninterrupted_one() {
     let dev = Device::Cpu;
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    Trainer::new(config(a.path(), 6), &dev, false).unwrap().run(true).unwrap();
+    Trainer::new(config(a.path(), 6), &dev, false)
+        .unwrap()
+        .run(true)
+        .unwrap();
 
     // The "killed" run: stops after its step-3 checkpoint, then resumes.
-    Trainer::new(config(b.path(), 3), &dev, false).unwrap().run(true).unwrap();
-    Trainer::new(config(b.path(), 6), &dev, true).unwrap().run(true).unwrap();
+    Trainer::new(config(b.path(), 3), &dev, false)
+        .unwrap()
+        .run(true)
+        .unwrap();
+    Trainer::new(config(b.path(), 6), &dev, true)
+        .unwrap()
+        .run(true)
+        .unwrap();
 
     let (la, lb) = (losses(a.path()), losses(b.path()));
     assert_eq!(la.len(), 6, "{la:?}");
@@ -68,9 +77,18 @@ fn resumed_run_matches_the_uninterrupted_one() {
 fn a_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint() {
     let dev = Device::Cpu;
     let a = tempfile::tempdir().unwrap();
-    let e = Trainer::new(config(a.path(), 2), &dev, true).err().unwrap().to_string();
+    let e = Trainer::new(config(a.path(), 2), &dev, true)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no complete checkpoint"), "{e}");
-    Trainer::new(config(a.path(), 3), &dev, false).unwrap().run(true).unwrap();
-    let e = Trainer::new(config(a.path(), 3), &dev, false).err().unwrap().to_string();
+    Trainer::new(config(a.path(), 3), &dev, false)
+        .unwrap()
+        .run(true)
+        .unwrap();
+    let e = Trainer::new(config(a.path(), 3), &dev, false)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("--resume"), "{e}");
 }
