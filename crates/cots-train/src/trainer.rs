@@ -407,6 +407,20 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let mut tensors = HashMap::new();
         for (n, v) in sorted_vars(&self.system.online) {
+            // A diverged update must never overwrite a good checkpoint.
+            let s = v
+                .as_tensor()
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !s.is_finite() {
+                return Err(Error::NonFinite(format!(
+                    "`{n}` is not finite after step {}: training stopped without checkpointing; \
+                     try a lower optim.lr or a smaller optim.grad_clip",
+                    self.step
+                )));
+            }
             tensors.insert(format!("online.{n}"), v.as_tensor().clone());
         }
         for (n, v) in sorted_vars(&self.system.momentum_vars) {

@@ -92,3 +92,42 @@ fn a_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint() {
         .to_string();
     assert!(e.contains("--resume"), "{e}");
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
+    let dev = Device::Cpu;
+    let a = tempfile::tempdir().unwrap();
+    let mut cfg = config(a.path(), 40);
+    cfg.train.checkpoint_every = 1;
+    // An absurd learning rate without clipping makes the weights overflow.
+    cfg.optim.lr = 1e30;
+    cfg.optim.grad_clip = 0.0;
+    cfg.schedule.warmup_steps = 0;
+    let err = Trainer::new(cfg, &dev, false)
+        .unwrap()
+        .run(true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training stopped"), "{err}");
+    let last = cots_train::checkpoint::latest(&a.path().join("checkpoints")).unwrap();
+    let last = last.expect("the last good checkpoint is kept");
+    assert!(
+        err.contains(&last.display().to_string()),
+        "{err} should name {}",
+        last.display()
+    );
+    let (tensors, _) = cots_train::checkpoint::load(&last).unwrap();
+    for (name, t) in tensors {
+        let v = t
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name} in the kept checkpoint is not finite"
+        );
+    }
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The objective ablation on the embedded synthetic data: same model, data,
+# steps and seed for every row; only the objectives differ. Writes
+# runs/ablation/<row>/eval.md and a summary table to stdout.
+#   bash benches/ablation/run.sh [steps]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+steps=${1:-300}
+cargo build --release -q -p cots
+cots=target/release/cots
+out=runs/ablation
+mkdir -p "$out"
+# The visual tokenizer for masked vision modeling, matched to the demo ViT (64 px, patch 8).
+[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --preset small --steps 300 --out "$out/dvae"
+base=$(sed '/^\[objectives/,$d' configs/demo.toml)
+row() { # name, objectives TOML
+  local name=$1 cfg="$out/$1.toml"
+  printf '%s\n%s\n' "$base" "$2" | sed "s#^out = .*#out = \"$out/$name\"#; s#^steps = .*#steps = $steps#" > "$cfg"
+  if [ "$name" = mvlm ]; then sed -i "s#^\[model\]#[model]\ndvae = \"$out/dvae\"#" "$cfg"; fi
+  rm -rf "$out/$name"
+  $cots -q train --config "$cfg"
+  $cots -q eval --run "$out/$name" --markdown "$out/$name/eval.md" --json "$out/$name/eval.json" > /dev/null
+  echo "== $name"; cat "$out/$name/eval.md"
+}
+row clip '[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "clip"'
+row itc_queue '[objectives.queue]
+size = 4096
+[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "itc"'
+row itc_kl '[objectives.queue]
+size = 4096
+[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "itc"
+[[objectives.objectives]]
+kind = "kl"'
+row mvlm '[objectives.queue]
+size = 4096
+[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "itc"
+[[objectives.objectives]]
+kind = "kl"
+[[objectives.objectives]]
+kind = "mvlm"'
