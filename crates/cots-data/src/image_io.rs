@@ -106,6 +106,31 @@ pub fn resize_center_crop(img: &RgbImage, size: usize) -> RgbImage {
     image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size).to_image()
 }
 
+/// Inception-style random resized crop: a random area fraction in `scale` and
+/// aspect ratio in [3/4, 4/3] of the image, resized to `size` x `size`.
+pub fn random_resized_crop<R: rand::Rng>(
+    img: &RgbImage,
+    size: usize,
+    scale: (f32, f32),
+    rng: &mut R,
+) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let area = (w * h) as f32;
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let ratio = rng.random_range((0.75f32).ln()..=(4.0f32 / 3.0).ln()).exp();
+        let cw = (target * ratio).sqrt().round() as u32;
+        let ch = (target / ratio).sqrt().round() as u32;
+        if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
+            let x = rng.random_range(0..=w - cw);
+            let y = rng.random_range(0..=h - ch);
+            let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
+            return image::imageops::resize(&crop, size as u32, size as u32, FilterType::Triangle);
+        }
+    }
+    resize_center_crop(img, size)
+}
+
 /// Normalised CHW f32 values of an RGB image.
 pub fn to_chw(img: &RgbImage, cfg: &ImageConfig) -> Vec<f32> {
     let (w, h) = img.dimensions();
@@ -168,6 +193,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.png"), "{e}");
+    }
+
+    #[test]
+    fn random_resized_crop_is_seeded_and_sized() {
+        use rand::SeedableRng;
+        let mut img = RgbImage::new(50, 30);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            *p = image::Rgb([x as u8 * 5, y as u8 * 8, 7]);
+        }
+        let a = random_resized_crop(
+            &img,
+            16,
+            (0.3, 1.0),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(4),
+        );
+        let b = random_resized_crop(
+            &img,
+            16,
+            (0.3, 1.0),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(4),
+        );
+        let c = random_resized_crop(
+            &img,
+            16,
+            (0.3, 1.0),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(5),
+        );
+        assert_eq!(a.dimensions(), (16, 16));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
     }
 
     #[test]

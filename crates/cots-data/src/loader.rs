@@ -10,7 +10,7 @@
 //! the uninterrupted run would have.
 
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::image_io::{load_pixels, ImageConfig};
+use crate::image_io::{load_rgb, random_resized_crop, to_chw, ImageConfig};
 use crate::{Dataset, Error, Result};
 
 /// Batch size, order and input shapes.
@@ -35,6 +35,30 @@ pub struct LoaderConfig {
     /// Batches decoded ahead of the trainer.
     pub prefetch: usize,
     pub image: ImageConfig,
+    /// Random resized crop `(min, max)` area fractions for training; `None`
+    /// (the default) uses resize + centre crop, which keeps "left of" true.
+    pub random_crop: Option<(f32, f32)>,
+    /// What to do with an image that cannot be read.
+    pub on_bad_input: SkipPolicy,
+}
+
+/// What the loader does with an unreadable image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SkipPolicy {
+    /// Stop with an error naming the file (the default).
+    #[default]
+    Fail,
+    /// Replace the sample by the next readable item, deterministically, and
+    /// record it; [`Loader::skipped`] lists every skip for the run's report.
+    Skip,
+}
+
+/// One skipped sample.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub source: String,
+    pub reason: String,
 }
 
 impl Default for LoaderConfig {
@@ -45,6 +69,8 @@ impl Default for LoaderConfig {
             max_text_len: 32,
             prefetch: 4,
             image: ImageConfig::default(),
+            random_crop: None,
+            on_bad_input: SkipPolicy::Fail,
         }
     }
 }
@@ -84,6 +110,64 @@ pub fn epoch_order(pairs: &[(usize, usize)], seed: u64, epoch: u64) -> Vec<(usiz
     order
 }
 
+/// Pixels of item `i` for slot `slot` of the order, with the configured
+/// crop; under [`SkipPolicy::Skip`] an unreadable item is replaced by the next
+/// readable one and recorded in `skipped`.
+fn pixels_for(
+    data: &Dataset,
+    cfg: &LoaderConfig,
+    i: usize,
+    position: LoaderPosition,
+    slot: usize,
+    skipped: &Mutex<Vec<Skipped>>,
+) -> Result<(usize, Vec<f32>)> {
+    let n = data.items.len();
+    let mut err = None;
+    for attempt in 0..n {
+        let idx = (i + attempt) % n;
+        let source = &data.items[idx].source;
+        let rgb = match (cfg.random_crop, source) {
+            (Some(scale), _) => load_rgb(
+                source,
+                &ImageConfig {
+                    size: 2 * cfg.image.size,
+                    ..cfg.image.clone()
+                },
+            )
+            .map(|img| {
+                // Seeded by the sample's place in the order, not by thread timing.
+                let seed = cfg.seed
+                    ^ position.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (slot as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                random_resized_crop(
+                    &img,
+                    cfg.image.size,
+                    scale,
+                    &mut ChaCha8Rng::seed_from_u64(seed),
+                )
+            }),
+            (None, _) => load_rgb(source, &cfg.image),
+        };
+        match rgb {
+            Ok(img) => return Ok((idx, to_chw(&img, &cfg.image))),
+            Err(e) if cfg.on_bad_input == SkipPolicy::Skip => {
+                skipped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Skipped {
+                        source: source.describe(),
+                        reason: e.to_string(),
+                    });
+                err = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(err.unwrap_or(Error::EmptySplit {
+        split: crate::Split::Train,
+    }))
+}
+
 /// Decodes and tokenises the pairs of one batch.
 pub fn make_batch(
     data: &Dataset,
@@ -92,10 +176,37 @@ pub fn make_batch(
     pairs: &[(usize, usize)],
     position: LoaderPosition,
 ) -> Result<Batch> {
-    let pixels: Vec<Vec<f32>> = pairs
+    make_batch_with(
+        data,
+        tokenizer,
+        cfg,
+        pairs,
+        position,
+        &Mutex::new(Vec::new()),
+    )
+}
+
+fn make_batch_with(
+    data: &Dataset,
+    tokenizer: &TextTokenizer,
+    cfg: &LoaderConfig,
+    pairs: &[(usize, usize)],
+    position: LoaderPosition,
+    skipped: &Mutex<Vec<Skipped>>,
+) -> Result<Batch> {
+    let first_slot = position.batch as usize * cfg.batch_size;
+    let loaded: Vec<(usize, Vec<f32>)> = pairs
         .par_iter()
-        .map(|&(i, _)| load_pixels(&data.items[i].source, &cfg.image))
+        .enumerate()
+        .map(|(s, &(i, _))| pixels_for(data, cfg, i, position, first_slot + s, skipped))
         .collect::<Result<_>>()?;
+    // A replaced image brings its own caption, so the pair stays a true pair.
+    let pairs: Vec<(usize, usize)> = pairs
+        .iter()
+        .zip(&loaded)
+        .map(|(&(i, c), &(idx, _))| if idx == i { (i, c) } else { (idx, 0) })
+        .collect();
+    let pixels: Vec<Vec<f32>> = loaded.into_iter().map(|(_, p)| p).collect();
     let captions: Vec<String> = pairs
         .iter()
         .map(|&(i, c)| data.items[i].captions[c].clone())
@@ -123,6 +234,7 @@ pub fn make_batch(
 /// The prefetching training loader (see the module doc).
 pub struct Loader {
     rx: Receiver<Result<Batch>>,
+    skipped: Arc<Mutex<Vec<Skipped>>>,
     next: LoaderPosition,
     batches_per_epoch: u64,
     _worker: JoinHandle<()>,
@@ -151,18 +263,21 @@ impl Loader {
             });
         }
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let skipped = Arc::new(Mutex::new(Vec::new()));
+        let skipped_w = skipped.clone();
         let worker = std::thread::spawn(move || {
             let mut pos = start;
             loop {
                 let order = epoch_order(&pairs, cfg.seed, pos.epoch);
                 while pos.batch < batches_per_epoch {
                     let b0 = (pos.batch as usize) * cfg.batch_size;
-                    let batch = make_batch(
+                    let batch = make_batch_with(
                         &data,
                         &tokenizer,
                         &cfg,
                         &order[b0..b0 + cfg.batch_size],
                         pos,
+                        &skipped_w,
                     );
                     let failed = batch.is_err();
                     // A closed channel means the trainer is done with us.
@@ -179,6 +294,7 @@ impl Loader {
         });
         Ok(Self {
             rx,
+            skipped,
             next: start,
             batches_per_epoch,
             _worker: worker,
@@ -209,6 +325,15 @@ impl Loader {
 
     pub fn batches_per_epoch(&self) -> u64 {
         self.batches_per_epoch
+    }
+
+    /// Every sample replaced under [`SkipPolicy::Skip`] so far (the worker
+    /// may be a few batches ahead of the trainer).
+    pub fn skipped(&self) -> Vec<Skipped> {
+        self.skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -286,8 +411,37 @@ mod tests {
                 })
                 .collect(),
         };
-        let mut l = Loader::new(Arc::new(data), tok, cfg, LoaderPosition::default()).unwrap();
+        let mut l = Loader::new(
+            Arc::new(data.clone()),
+            tok.clone(),
+            cfg.clone(),
+            LoaderPosition::default(),
+        )
+        .unwrap();
         let e = l.next_batch().unwrap_err().to_string();
         assert!(e.contains("broken.png"), "{e}");
+
+        // Under the skip policy a bad item is replaced by the next good one and reported.
+        let good = dir.path().join("good.png");
+        image::RgbImage::new(20, 20).save(&good).unwrap();
+        let mut mixed = data;
+        for it in mixed.items.iter_mut().skip(1).step_by(2) {
+            it.source = crate::ImageSource::Path(good.clone());
+            it.captions = vec!["a good image".into()];
+        }
+        let skip = LoaderConfig {
+            on_bad_input: SkipPolicy::Skip,
+            ..cfg
+        };
+        let mut l = Loader::new(Arc::new(mixed), tok, skip, LoaderPosition::default()).unwrap();
+        let b = l.next_batch().unwrap();
+        assert!(
+            b.captions.iter().all(|c| c == "a good image"),
+            "{:?}",
+            b.captions
+        );
+        let skipped = l.skipped();
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(skipped.iter().all(|s| s.source.contains("broken.png")));
     }
 }

@@ -58,6 +58,10 @@ pub struct DataSection {
     pub batch_size: usize,
     pub max_text_len: usize,
     pub image: ImageConfig,
+    /// Random resized crop `[min, max]` area fractions in training (off by default).
+    pub random_crop: Option<(f32, f32)>,
+    /// `fail` (default) or `skip` unreadable images (skips are counted and reported).
+    pub on_bad_input: cots_data::loader::SkipPolicy,
 }
 
 impl Default for DataSection {
@@ -70,6 +74,8 @@ impl Default for DataSection {
             batch_size: 32,
             max_text_len: 32,
             image: ImageConfig::default(),
+            random_crop: None,
+            on_bad_input: cots_data::loader::SkipPolicy::Fail,
         }
     }
 }

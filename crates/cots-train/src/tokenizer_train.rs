@@ -61,6 +61,8 @@ pub fn train_tokenizer(
         max_text_len: 64,
         prefetch: 4,
         image: image.clone(),
+        random_crop: None,
+        on_bad_input: cfg.data.on_bad_input,
     };
     let mut train = Loader::new(
         Arc::new(data.split(Split::Train)?),

@@ -249,6 +249,8 @@ impl Trainer {
             max_text_len: cfg.data.max_text_len,
             prefetch: 4,
             image: cfg.data.image.clone(),
+            random_crop: cfg.data.random_crop,
+            on_bad_input: cfg.data.on_bad_input,
         };
         let loader = Loader::new(train, tokenizer.clone(), loader_cfg, start)?;
         let metrics = MetricsWriter::open(&out.join("metrics.jsonl"))?;
@@ -521,6 +523,16 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
+        let skipped = self.loader.skipped();
+        if !skipped.is_empty() {
+            tracing::warn!(
+                "{} training samples were unreadable and replaced:",
+                skipped.len()
+            );
+            for s in skipped.iter().take(20) {
+                tracing::warn!("  {}: {}", s.source, s.reason);
+            }
+        }
         let records = metrics::read(&self.out.join("metrics.jsonl"))?;
         if let Err(e) = metrics::plot(&records, &self.out.join("plot.svg")) {
             tracing::warn!("could not draw the loss plot: {e}");
