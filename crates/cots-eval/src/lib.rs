@@ -398,6 +398,62 @@ pub fn top_k(queries: &Tensor, gallery: &Tensor, k: usize) -> Result<Vec<Vec<(us
     Ok(out.into_iter().flatten().collect())
 }
 
+/// Mean average precision at R (Musgrave et al., "A Metric Learning Reality
+/// Check", 2020) for category-labelled retrieval, in percent.
+///
+/// For query `q` with `R` relevant gallery items (same label), take the top
+/// `R` of its ranking (ties to the lower index) and average, over those `R`
+/// positions, the precision at each position that holds a relevant item.
+/// Queries with no relevant item are skipped.
+///
+/// # Shapes
+/// - `queries`: `[Q, D]`, `gallery`: `[N, D]`; labels have lengths Q and N.
+pub fn map_at_r(queries: &Tensor, query_labels: &[u32], gallery: &Tensor, gallery_labels: &[u32]) -> Result<f64> {
+    let scorer = EmbeddingScorer::new(gallery, queries)?;
+    let (n, q) = (scorer.n_images(), scorer.n_texts());
+    if query_labels.len() != q || gallery_labels.len() != n {
+        return Err(Error::Shape(format!(
+            "{} query labels for {q} queries, {} gallery labels for {n} items",
+            query_labels.len(),
+            gallery_labels.len()
+        )));
+    }
+    let block = 256;
+    let starts: Vec<usize> = (0..q).step_by(block).collect();
+    let per_query: Vec<Vec<Option<f64>>> = starts
+        .par_iter()
+        .map(|&c0| -> Result<Vec<Option<f64>>> {
+            let cols = block.min(q - c0);
+            let s = scorer.score_block(0..n, c0..c0 + cols)?;
+            Ok((0..cols)
+                .map(|c| {
+                    let label = query_labels[c0 + c];
+                    let r = gallery_labels.iter().filter(|&&l| l == label).count();
+                    if r == 0 {
+                        return None;
+                    }
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by(|&a, &b| s[b * cols + c].total_cmp(&s[a * cols + c]).then(a.cmp(&b)));
+                    let mut hits = 0usize;
+                    let mut sum = 0.0;
+                    for (pos, &g) in order.iter().take(r).enumerate() {
+                        if gallery_labels[g] == label {
+                            hits += 1;
+                            sum += hits as f64 / (pos + 1) as f64;
+                        }
+                    }
+                    Some(sum / r as f64)
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let scores: Vec<f64> = per_query.into_iter().flatten().flatten().collect();
+    if scores.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(100.0 * scores.iter().sum::<f64>() / scores.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,6 +572,19 @@ mod tests {
         let e = evaluate_embeddings(&tensor(&img), &tensor(&txt), &[0], &EvalOptions::default())
             .unwrap_err();
         assert!(e.to_string().contains("image 1 has no caption"), "{e}");
+    }
+
+    #[test]
+    fn map_at_r_by_hand() {
+        // Gallery on a line; the query points along +x. Scores: 3, 2, 1, -1.
+        let gallery = vec![vec![3.0, 0.0], vec![2.0, 0.0], vec![1.0, 0.0], vec![-1.0, 0.0]];
+        let q = vec![vec![1.0, 0.0]];
+        // Label 7 at gallery 0 and 2 (R = 2): top 2 = [0 (hit), 1 (miss)] -> (1/1) / 2.
+        let m = map_at_r(&tensor(&q), &[7], &tensor(&gallery), &[7, 1, 7, 1]).unwrap();
+        assert!((m - 50.0).abs() < 1e-9, "{m}");
+        // Label 1 at gallery 1 and 3 (R = 2): top 2 = [0 miss, 1 hit] -> (1/2) / 2.
+        let m = map_at_r(&tensor(&q), &[1], &tensor(&gallery), &[7, 1, 7, 1]).unwrap();
+        assert!((m - 25.0).abs() < 1e-9, "{m}");
     }
 
     #[test]
