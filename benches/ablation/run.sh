@@ -2,16 +2,17 @@
 # The objective ablation on the embedded synthetic data: same model, data,
 # steps and seed for every row; only the objectives differ. Writes
 # runs/ablation/<row>/eval.md and a summary table to stdout.
-#   bash benches/ablation/run.sh [steps]
+#   bash benches/ablation/run.sh [steps] [tokenizer_steps]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-300}
+tokenizer_steps=${2:-300}
 cargo build --release -q -p cots
 cots=target/release/cots
 out=runs/ablation
 mkdir -p "$out"
 # The visual tokenizer for masked vision modeling, matched to the demo ViT (64 px, patch 8).
-[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --preset small --steps 300 --out "$out/dvae"
+[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --preset small --steps "$tokenizer_steps" --out "$out/dvae"
 base=$(sed '/^\[objectives/,$d' configs/demo.toml)
 row() { # name, objectives TOML
   local name=$1 cfg="$out/$1.toml"
