@@ -408,7 +408,12 @@ pub fn top_k(queries: &Tensor, gallery: &Tensor, k: usize) -> Result<Vec<Vec<(us
 ///
 /// # Shapes
 /// - `queries`: `[Q, D]`, `gallery`: `[N, D]`; labels have lengths Q and N.
-pub fn map_at_r(queries: &Tensor, query_labels: &[u32], gallery: &Tensor, gallery_labels: &[u32]) -> Result<f64> {
+pub fn map_at_r(
+    queries: &Tensor,
+    query_labels: &[u32],
+    gallery: &Tensor,
+    gallery_labels: &[u32],
+) -> Result<f64> {
     let scorer = EmbeddingScorer::new(gallery, queries)?;
     let (n, q) = (scorer.n_images(), scorer.n_texts());
     if query_labels.len() != q || gallery_labels.len() != n {
@@ -433,7 +438,9 @@ pub fn map_at_r(queries: &Tensor, query_labels: &[u32], gallery: &Tensor, galler
                         return None;
                     }
                     let mut order: Vec<usize> = (0..n).collect();
-                    order.sort_by(|&a, &b| s[b * cols + c].total_cmp(&s[a * cols + c]).then(a.cmp(&b)));
+                    order.sort_by(|&a, &b| {
+                        s[b * cols + c].total_cmp(&s[a * cols + c]).then(a.cmp(&b))
+                    });
                     let mut hits = 0usize;
                     let mut sum = 0.0;
                     for (pos, &g) in order.iter().take(r).enumerate() {
@@ -577,7 +584,12 @@ mod tests {
     #[test]
     fn map_at_r_by_hand() {
         // Gallery on a line; the query points along +x. Scores: 3, 2, 1, -1.
-        let gallery = vec![vec![3.0, 0.0], vec![2.0, 0.0], vec![1.0, 0.0], vec![-1.0, 0.0]];
+        let gallery = vec![
+            vec![3.0, 0.0],
+            vec![2.0, 0.0],
+            vec![1.0, 0.0],
+            vec![-1.0, 0.0],
+        ];
         let q = vec![vec![1.0, 0.0]];
         // Label 7 at gallery 0 and 2 (R = 2): top 2 = [0 (hit), 1 (miss)] -> (1/1) / 2.
         let m = map_at_r(&tensor(&q), &[7], &tensor(&gallery), &[7, 1, 7, 1]).unwrap();
