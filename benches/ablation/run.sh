@@ -3,6 +3,7 @@
 # steps and seed for every row; only the objectives differ. Writes
 # runs/ablation/<row>/eval.md and a summary table to stdout.
 #   bash benches/ablation/run.sh [steps] [tokenizer_steps]
+# ROWS="itc_kl mvlm" bash benches/ablation/run.sh runs only the rows named.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-300}
@@ -16,6 +17,7 @@ mkdir -p "$out"
 base=$(sed '/^\[objectives/,$d' configs/demo.toml)
 row() { # name, objectives TOML
   local name=$1 cfg="$out/$1.toml"
+  if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then return 0; fi
   printf '%s\n%s\n' "$base" "$2" | sed "s#^out = .*#out = \"$out/$name\"#; s#^steps = .*#steps = $steps#" > "$cfg"
   if [ "$name" = mvlm ]; then sed -i "s#^\[model\]#[model]\ndvae = \"$out/dvae\"#" "$cfg"; fi
   rm -rf "$out/$name"

@@ -10,7 +10,7 @@
 //! the uninterrupted run would have.
 
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
@@ -100,6 +100,8 @@ pub struct Batch {
     pub item_indices: Vec<usize>,
     /// Where this batch sits in the order.
     pub position: LoaderPosition,
+    /// Items replaced in this batch under [`SkipPolicy::Skip`], in slot order.
+    pub skipped: Vec<Skipped>,
 }
 
 /// The pairs of epoch `epoch`, shuffled by `(seed, epoch)`.
@@ -112,17 +114,17 @@ pub fn epoch_order(pairs: &[(usize, usize)], seed: u64, epoch: u64) -> Vec<(usiz
 
 /// Pixels of item `i` for slot `slot` of the order, with the configured
 /// crop; under [`SkipPolicy::Skip`] an unreadable item is replaced by the next
-/// readable one and recorded in `skipped`.
+/// readable one, and every item passed over is returned as a [`Skipped`].
 fn pixels_for(
     data: &Dataset,
     cfg: &LoaderConfig,
     i: usize,
     position: LoaderPosition,
     slot: usize,
-    skipped: &Mutex<Vec<Skipped>>,
-) -> Result<(usize, Vec<f32>)> {
+) -> Result<(usize, Vec<f32>, Vec<Skipped>)> {
     let n = data.items.len();
     let mut err = None;
+    let mut skipped = Vec::new();
     for attempt in 0..n {
         let idx = (i + attempt) % n;
         let source = &data.items[idx].source;
@@ -149,15 +151,12 @@ fn pixels_for(
             (None, _) => load_rgb(source, &cfg.image),
         };
         match rgb {
-            Ok(img) => return Ok((idx, to_chw(&img, &cfg.image))),
+            Ok(img) => return Ok((idx, to_chw(&img, &cfg.image), skipped)),
             Err(e) if cfg.on_bad_input == SkipPolicy::Skip => {
-                skipped
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(Skipped {
-                        source: source.describe(),
-                        reason: e.to_string(),
-                    });
+                skipped.push(Skipped {
+                    source: source.describe(),
+                    reason: e.to_string(),
+                });
                 err = Some(e);
             }
             Err(e) => return Err(e),
@@ -176,37 +175,21 @@ pub fn make_batch(
     pairs: &[(usize, usize)],
     position: LoaderPosition,
 ) -> Result<Batch> {
-    make_batch_with(
-        data,
-        tokenizer,
-        cfg,
-        pairs,
-        position,
-        &Mutex::new(Vec::new()),
-    )
-}
-
-fn make_batch_with(
-    data: &Dataset,
-    tokenizer: &TextTokenizer,
-    cfg: &LoaderConfig,
-    pairs: &[(usize, usize)],
-    position: LoaderPosition,
-    skipped: &Mutex<Vec<Skipped>>,
-) -> Result<Batch> {
     let first_slot = position.batch as usize * cfg.batch_size;
-    let loaded: Vec<(usize, Vec<f32>)> = pairs
+    let loaded: Vec<(usize, Vec<f32>, Vec<Skipped>)> = pairs
         .par_iter()
         .enumerate()
-        .map(|(s, &(i, _))| pixels_for(data, cfg, i, position, first_slot + s, skipped))
+        .map(|(s, &(i, _))| pixels_for(data, cfg, i, position, first_slot + s))
         .collect::<Result<_>>()?;
+    // In slot order, whatever order the threads finished in.
+    let skipped: Vec<Skipped> = loaded.iter().flat_map(|l| l.2.clone()).collect();
     // A replaced image brings its own caption, so the pair stays a true pair.
     let pairs: Vec<(usize, usize)> = pairs
         .iter()
         .zip(&loaded)
-        .map(|(&(i, c), &(idx, _))| if idx == i { (i, c) } else { (idx, 0) })
+        .map(|(&(i, c), &(idx, _, _))| if idx == i { (i, c) } else { (idx, 0) })
         .collect();
-    let pixels: Vec<Vec<f32>> = loaded.into_iter().map(|(_, p)| p).collect();
+    let pixels: Vec<Vec<f32>> = loaded.into_iter().map(|(_, p, _)| p).collect();
     let captions: Vec<String> = pairs
         .iter()
         .map(|&(i, c)| data.items[i].captions[c].clone())
@@ -228,13 +211,14 @@ fn make_batch_with(
         captions,
         item_indices: pairs.iter().map(|p| p.0).collect(),
         position,
+        skipped,
     })
 }
 
 /// The prefetching training loader (see the module doc).
 pub struct Loader {
     rx: Receiver<Result<Batch>>,
-    skipped: Arc<Mutex<Vec<Skipped>>>,
+    skipped: Vec<Skipped>,
     next: LoaderPosition,
     batches_per_epoch: u64,
     _worker: JoinHandle<()>,
@@ -263,21 +247,18 @@ impl Loader {
             });
         }
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let skipped = Arc::new(Mutex::new(Vec::new()));
-        let skipped_w = skipped.clone();
         let worker = std::thread::spawn(move || {
             let mut pos = start;
             loop {
                 let order = epoch_order(&pairs, cfg.seed, pos.epoch);
                 while pos.batch < batches_per_epoch {
                     let b0 = (pos.batch as usize) * cfg.batch_size;
-                    let batch = make_batch_with(
+                    let batch = make_batch(
                         &data,
                         &tokenizer,
                         &cfg,
                         &order[b0..b0 + cfg.batch_size],
                         pos,
-                        &skipped_w,
                     );
                     let failed = batch.is_err();
                     // A closed channel means the trainer is done with us.
@@ -294,7 +275,7 @@ impl Loader {
         });
         Ok(Self {
             rx,
-            skipped,
+            skipped: Vec::new(),
             next: start,
             batches_per_epoch,
             _worker: worker,
@@ -304,6 +285,7 @@ impl Loader {
     /// The next batch, in order.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let batch = self.rx.recv().map_err(|_| Error::WorkerGone)??;
+        self.skipped.extend(batch.skipped.iter().cloned());
         self.next = if batch.position.batch + 1 < self.batches_per_epoch {
             LoaderPosition {
                 epoch: batch.position.epoch,
@@ -327,13 +309,10 @@ impl Loader {
         self.batches_per_epoch
     }
 
-    /// Every sample replaced under [`SkipPolicy::Skip`] so far (the worker
-    /// may be a few batches ahead of the trainer).
+    /// Every sample replaced under [`SkipPolicy::Skip`] in the batches
+    /// handed out so far (not those the worker has prefetched).
     pub fn skipped(&self) -> Vec<Skipped> {
-        self.skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.skipped.clone()
     }
 }
 

@@ -337,6 +337,15 @@ impl BertEmbeddings {
         self.word_embeddings.embeddings()
     }
 
+    /// The token-type embedding matrix (type 0 = text; the cross-encoder
+    /// gives image patches type 1).
+    ///
+    /// # Shapes
+    /// - output: `[type_vocab_size, D]`.
+    pub fn token_type_embeddings(&self) -> &Tensor {
+        self.token_type_embeddings.embeddings()
+    }
+
     /// # Shapes
     /// - `input_ids`: `[B, L]` u32; `token_type_ids`: `[B, L]` u32 (zeros when
     ///   `None`); output `[B, L, D]`.

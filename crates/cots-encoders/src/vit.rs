@@ -110,6 +110,22 @@ impl Config {
     }
 }
 
+/// Cuts images into non-overlapping `patch x patch` squares, flattened
+/// channel-major (the layout of a convolution kernel `[D, C, p, p]`).
+///
+/// # Shapes
+/// - `pixels`: `[B, C, H, W]` with `H` and `W` multiples of `patch`;
+///   output `[B, (H/p) * (W/p), C * p * p]`, patches in row-major order.
+pub(crate) fn patchify(pixels: &Tensor, patch: usize) -> Result<Tensor> {
+    let (b, c, hgt, wid) = pixels.dims4()?;
+    let (gh, gw) = (hgt / patch, wid / patch);
+    Ok(pixels
+        .reshape((b, c, gh, patch, gw, patch))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, gh * gw, c * patch * patch))?)
+}
+
 /// Pre-LN block: `x + Attn(LN(x))`, then `x + MLP(LN(x))`.
 #[derive(Clone, Debug)]
 struct ViTLayer {
@@ -223,16 +239,15 @@ impl VisionTransformer {
                 pixels.dims()
             )));
         }
-        let (gh, gw) = (hgt / p, wid / p);
-        let patches = pixels
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, c * p * p))?;
+        let patches = patchify(pixels, p)?;
+        let (_, n, cpp) = patches.dims3()?;
         let d = self.cfg.hidden_size;
-        let w = self.patch_weight.reshape((d, c * p * p))?;
-        let x = patches.matmul(&w.t()?)?.broadcast_add(&self.patch_bias)?;
-        Ok(x.reshape((b, gh * gw, d))?)
+        let w = self.patch_weight.reshape((d, cpp))?;
+        let x = patches
+            .reshape((b * n, cpp))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        Ok(x.reshape((b, n, d))?)
     }
 
     /// Encodes images; `rng = Some(..)` means training (dropout active).

@@ -35,6 +35,8 @@ pub enum Error {
     NoCaption(usize),
     #[error("{0}")]
     Shape(String),
+    #[error("pair scorer: {0}")]
+    Scorer(String),
 }
 
 /// The result type of this crate.
@@ -252,6 +254,50 @@ impl PairScorer for EmbeddingScorer {
         let a = self.images.narrow(0, images.start, images.len())?;
         let b = self.texts.narrow(0, texts.start, texts.len())?;
         Ok(a.matmul(&b.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Scores read from a precomputed row-major `[N, M]` matrix (for example
+/// two-stream similarities after a re-ranking stage).
+pub struct MatrixScorer {
+    scores: Vec<f32>,
+    n: usize,
+    m: usize,
+}
+
+impl MatrixScorer {
+    pub fn new(scores: Vec<f32>, n: usize, m: usize) -> Result<Self> {
+        if scores.len() != n * m {
+            return Err(Error::Shape(format!(
+                "{} scores for a {n} x {m} matrix",
+                scores.len()
+            )));
+        }
+        Ok(Self { scores, n, m })
+    }
+}
+
+impl PairScorer for MatrixScorer {
+    fn n_images(&self) -> usize {
+        self.n
+    }
+    fn n_texts(&self) -> usize {
+        self.m
+    }
+    fn score_block(
+        &self,
+        images: std::ops::Range<usize>,
+        texts: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        if images.end > self.n || texts.end > self.m {
+            return Err(Error::Shape(format!(
+                "block {images:?} x {texts:?} outside a {} x {} matrix",
+                self.n, self.m
+            )));
+        }
+        Ok(images
+            .flat_map(|i| self.scores[i * self.m + texts.start..i * self.m + texts.end].to_vec())
+            .collect())
     }
 }
 
@@ -554,6 +600,30 @@ mod tests {
                 assert_eq!(got, want, "seed {seed} block {block}");
             }
         }
+    }
+
+    #[test]
+    fn matrix_scorer_matches_brute_force_and_checks_its_size() {
+        let (img, txt, t2i) = random_case(4, 17, true);
+        let (bi, bt) = brute_ranks(&img, &txt, &t2i);
+        let ks = vec![1, 5, 10];
+        let scores: Vec<f32> = img
+            .iter()
+            .flat_map(|a| {
+                txt.iter()
+                    .map(move |b| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
+            })
+            .collect();
+        let scorer = MatrixScorer::new(scores, img.len(), txt.len()).unwrap();
+        let opts = EvalOptions {
+            ks: ks.clone(),
+            block: 5,
+        };
+        let got = evaluate_scorer(&scorer, &t2i, &opts, "image").unwrap();
+        assert_eq!(got.i2t, DirectionReport::from_ranks(&bi, &ks));
+        assert_eq!(got.t2i, DirectionReport::from_ranks(&bt, &ks));
+        assert!(MatrixScorer::new(vec![0.0; 5], 2, 3).is_err());
+        assert!(scorer.score_block(0..img.len() + 1, 0..1).is_err());
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub fn embed_images(
             .collect::<std::result::Result<_, _>>()?;
         let n = chunk.len();
         let t = Tensor::from_vec(pixels.concat(), (n, 3, image.size, image.size), device)?;
-        out.push(model.encode_image(&t, None, None)?.embed);
+        // Detached: the weights are variables, so an attached output would
+        // keep every batch's activations alive through the autograd graph.
+        out.push(model.encode_image(&t, None, None)?.embed.detach());
     }
     if out.is_empty() {
         return Err(Error::Config("no images to embed".into()));
@@ -63,7 +65,7 @@ pub fn embed_texts(
     for chunk in texts.chunks(BATCH * 4) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let (ids, mask) = tokenizer.encode_batch(&refs, max_len)?.to_tensors(device)?;
-        out.push(model.encode_text(&ids, Some(&mask), None)?.embed);
+        out.push(model.encode_text(&ids, Some(&mask), None)?.embed.detach());
     }
     if out.is_empty() {
         return Err(Error::Config("no texts to embed".into()));

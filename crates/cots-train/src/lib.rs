@@ -7,10 +7,13 @@
 //!   logging, validation, atomic checkpoints, exact resume;
 //! - [`optim`], [`schedule`]: AdamW with decay groups, warm-up + cosine;
 //! - [`checkpoint`], [`metrics`]: what is written to disk;
-//! - [`inference`]: loading a trained run to evaluate, embed and search.
+//! - [`inference`]: loading a trained run to evaluate, embed and search;
+//! - [`cross`]: the single-stream baseline: ITM training with mined hard
+//!   negatives, all-pairs scoring, two-stage re-ranking.
 
 pub mod checkpoint;
 pub mod config;
+pub mod cross;
 pub mod inference;
 pub mod metrics;
 pub mod model;

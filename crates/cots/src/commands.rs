@@ -10,6 +10,7 @@ use cots_data::{Dataset, ImageSource, Split};
 use cots_encoders::dvae;
 use cots_eval::top_k;
 use cots_train::config::RunConfig;
+use cots_train::cross::{CrossRun, CrossTrainConfig};
 use cots_train::inference::Run;
 use cots_train::trainer::{load_dataset, Trainer};
 
@@ -115,6 +116,27 @@ pub struct TrainTokenizerArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TrainCrossArgs {
+    /// The trained two-stream run whose data, tokenizer and size the
+    /// cross-encoder shares, and whose similarities mine its hard negatives.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Output directory (cross.json, cross.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 400)]
+    pub steps: u64,
+    /// Positive pairs per step; each brings a hard negative caption and a
+    /// hard negative image.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A run directory written by `cots train` or `cots demo`.
     #[arg(long)]
@@ -132,6 +154,10 @@ pub struct EvalArgs {
     /// Also write the report as Markdown here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Evaluate this single-stream cross-encoder (from `cots train-cross`)
+    /// instead of the two-stream model of `--run`: every pair is scored.
+    #[arg(long)]
+    pub cross: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -314,10 +340,37 @@ fn dataset_for(run: &Run, data_config: Option<&Path>, split: &str) -> Result<Dat
     Ok(load_dataset(&cfg)?.split(parse_split(split)?)?)
 }
 
+pub fn train_cross(ctx: &Ctx, a: TrainCrossArgs) -> Result<()> {
+    let miner = Run::open(&a.from, &ctx.device)?;
+    let tc = CrossTrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        optim: cots_train::optim::OptimConfig {
+            lr: a.lr,
+            ..CrossTrainConfig::default().optim
+        },
+        ..CrossTrainConfig::default()
+    };
+    let ce = cots_train::cross::train_cross(&miner, &a.out, &tc, ctx.quiet)?;
+    println!(
+        "cross-encoder trained for {} steps (final ITM loss {:.4}): {} (evaluate it with `cots eval --run {} --cross {}`)",
+        ce.step,
+        ce.loss.unwrap_or(f64::NAN),
+        a.out.display(),
+        a.from.display(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 pub fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run, &ctx.device)?;
     let data = dataset_for(&run, a.data_config.as_deref(), &a.split)?;
-    let report = run.evaluate(&data)?;
+    let report = match &a.cross {
+        Some(dir) => CrossRun::open(dir, &ctx.device)?.evaluate(&data)?,
+        None => run.evaluate(&data)?,
+    };
     println!("{report}");
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)

@@ -42,6 +42,9 @@ pub enum Command {
     Train(commands::TrainArgs),
     /// Train the dVAE visual tokenizer that masked vision modeling predicts.
     TrainTokenizer(commands::TrainTokenizerArgs),
+    /// Train the single-stream cross-encoder baseline (UNITER-style, image-text
+    /// matching with hard negatives mined by a trained two-stream run).
+    TrainCross(commands::TrainCrossArgs),
     /// Evaluate a trained run: R@1/5/10 both ways, RSUM, median and mean rank.
     Eval(commands::EvalArgs),
     /// Embed the images and captions of a dataset split into a safetensors file.
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => commands::demo(&ctx, a),
         Command::Train(a) => commands::train(&ctx, a),
         Command::TrainTokenizer(a) => commands::train_tokenizer(&ctx, a),
+        Command::TrainCross(a) => commands::train_cross(&ctx, a),
         Command::Eval(a) => commands::eval(&ctx, a),
         Command::Embed(a) => commands::embed(&ctx, a),
         Command::Search(a) => commands::search(&ctx, a),

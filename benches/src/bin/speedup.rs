@@ -1,0 +1,494 @@
+//! Two-stream vs single-stream retrieval, like for like: `cargo xtask speedup`.
+//!
+//! Both models are built at the same width and depth (`cots_encoders::cross::
+//! Config::matching`), on the same device, batch size and precision (f32),
+//! and timed on random inputs of the real shapes (weights and pixel values
+//! do not change the cost of a forward pass):
+//!
+//! 1. a COCO-5K-shaped problem (5,000 images x 25,000 texts): the two-stream
+//!    model measured in full (encode gallery, encode queries, similarity,
+//!    top-k both ways); the cross-encoder from a per-pair rate measured on a
+//!    sample, extrapolated to every pair (labelled as such);
+//! 2. a small problem measured in full for BOTH models, compared with what
+//!    the rates predict, so the extrapolation is checked against reality;
+//! 3. with `--two-stream RUN --cross RUN`, the accuracy of both trained
+//!    models and of the two-stage hybrid (two-stream top-k re-scored by the
+//!    cross-encoder) on the same test split, with their measured times.
+//!
+//! Results go to a JSON file and a Markdown summary on stdout.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Parser;
+use cots_data::{Dataset, Split};
+use cots_encoders::cross::{self, CrossEncoder};
+use cots_encoders::two_stream::{self, TwoStream};
+use cots_eval::{top_k, RetrievalReport};
+use cots_train::cross::{hybrid_evaluate, CrossRun};
+use cots_train::inference::Run;
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Time retrieval with the two-stream model against a single-stream cross-encoder of the same size",
+    long_about = "Builds both models at the same width and depth, times a full retrieval evaluation on a \
+COCO-5K-shaped problem (two-stream measured in full, single-stream extrapolated from a measured per-pair \
+rate), checks the extrapolation on a small problem measured in full, and (with --two-stream and --cross) \
+measures both models' accuracy and the two-stage hybrid on the same test split."
+)]
+struct Args {
+    /// Size of both models: tiny, small or base (12 layers, 768 wide, ViT-B/16).
+    #[arg(long, default_value = "base")]
+    preset: String,
+    /// CI mode: tiny preset and small problems; finishes in a minute or two.
+    #[arg(long)]
+    quick: bool,
+    /// Gallery images of the large problem.
+    #[arg(long, default_value_t = 5000)]
+    images: usize,
+    /// Query texts of the large problem.
+    #[arg(long, default_value_t = 25000)]
+    texts: usize,
+    /// Images of the problem measured in full for both models (default: 20
+    /// with --quick, 40 at small size, 8 at base size where a pair costs
+    /// ~0.3 s on a CPU).
+    #[arg(long)]
+    small_images: Option<usize>,
+    /// Texts of the problem measured in full (default: 5 per image).
+    #[arg(long)]
+    small_texts: Option<usize>,
+    /// Pairs timed to measure the cross-encoder's per-pair rate.
+    #[arg(long)]
+    pair_sample: Option<usize>,
+    /// Batch size of every encoder pass, both models.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Tokens per text, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 32)]
+    text_len: usize,
+    /// A trained two-stream run (for the accuracy comparison).
+    #[arg(long)]
+    two_stream: Option<PathBuf>,
+    /// A cross-encoder trained by `cots train-cross` (for the accuracy comparison).
+    #[arg(long)]
+    cross: Option<PathBuf>,
+    /// Use only the first N test images (and their captions) for the
+    /// accuracy comparison: the cross-encoder scores every pair, so the cost
+    /// grows with images x captions.
+    #[arg(long)]
+    test_images: Option<usize>,
+    /// Candidates per query re-scored by the cross-encoder in the hybrid.
+    #[arg(long, value_delimiter = ',', default_value = "16,128")]
+    rerank_k: Vec<usize>,
+    /// Where the JSON goes (default runs/speedup/<preset>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Random-weight models of one size, and inputs of the real shapes.
+struct Bench {
+    ts: TwoStream,
+    ce: CrossEncoder,
+    image_size: usize,
+    vocab: usize,
+    batch: usize,
+    text_len: usize,
+    dev: Device,
+}
+
+impl Bench {
+    fn new(preset: &str, batch: usize, text_len: usize) -> Result<Self> {
+        let ts_cfg = match preset {
+            "tiny" => two_stream::Config::tiny(1000),
+            "small" => two_stream::Config::small(1000),
+            "base" => two_stream::Config::base(),
+            other => bail!("unknown preset `{other}`: use tiny, small or base"),
+        };
+        let ce_cfg = cross::Config::matching(&ts_cfg);
+        if text_len > ce_cfg.joint.max_position_embeddings || text_len < 3 {
+            bail!("--text-len {text_len} does not fit the {preset} text encoder");
+        }
+        let dev = Device::Cpu;
+        let m1 = VarMap::new();
+        let ts = TwoStream::new(&ts_cfg, VarBuilder::from_varmap(&m1, DType::F32, &dev))?;
+        let m2 = VarMap::new();
+        let ce = CrossEncoder::new(&ce_cfg, VarBuilder::from_varmap(&m2, DType::F32, &dev))?;
+        Ok(Self {
+            ts,
+            ce,
+            image_size: ts_cfg.vision.image_size,
+            vocab: ts_cfg.text.vocab_size,
+            batch,
+            text_len,
+            dev,
+        })
+    }
+
+    fn pixels(&self, n: usize) -> Result<Tensor> {
+        let s = self.image_size;
+        Ok(Tensor::randn(0f32, 1.0, (n, 3, s, s), &self.dev)?)
+    }
+
+    fn ids(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let ids = Tensor::rand(0f32, self.vocab as f32 - 1.0, (n, self.text_len), &self.dev)?
+            .to_dtype(DType::U32)?;
+        let mask = Tensor::ones((n, self.text_len), DType::U32, &self.dev)?;
+        Ok((ids, mask))
+    }
+
+    /// Batch sizes that cover `n` items.
+    fn chunks(&self, n: usize) -> Vec<usize> {
+        (0..n)
+            .step_by(self.batch)
+            .map(|s| self.batch.min(n - s))
+            .collect()
+    }
+
+    /// Full two-stream retrieval of `n` images x `m` texts: seconds per stage.
+    fn two_stream(&self, n: usize, m: usize) -> Result<Value> {
+        let t0 = Instant::now();
+        let mut img = Vec::new();
+        for b in self.chunks(n) {
+            // Detached, as inference does: the weights are variables.
+            img.push(
+                self.ts
+                    .encode_image(&self.pixels(b)?, None, None)?
+                    .embed
+                    .detach(),
+            );
+        }
+        let img = Tensor::cat(&img, 0)?;
+        let t_img = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut txt = Vec::new();
+        for b in self.chunks(m) {
+            let (ids, mask) = self.ids(b)?;
+            txt.push(self.ts.encode_text(&ids, Some(&mask), None)?.embed.detach());
+        }
+        let txt = Tensor::cat(&txt, 0)?;
+        let t_txt = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let a = top_k(&txt, &img, 10)?;
+        let b = top_k(&img, &txt, 10)?;
+        let t_rank = t2.elapsed().as_secs_f64();
+        anyhow::ensure!(a.len() == m && b.len() == n, "top-k lost queries");
+        Ok(json!({
+            "images": n, "texts": m,
+            "encode_images_s": t_img, "encode_texts_s": t_txt,
+            "similarity_topk_s": t_rank,
+            "total_s": t_img + t_txt + t_rank,
+            "encoder_passes": n + m,
+        }))
+    }
+
+    /// Seconds to embed `n` images and `m` texts for the cross-encoder (the
+    /// per-item part of its cost), and the embedded tensors.
+    fn cross_embed(&self, n: usize, m: usize) -> Result<(f64, Tensor, Tensor, Tensor)> {
+        let t0 = Instant::now();
+        let mut img = Vec::new();
+        for b in self.chunks(n) {
+            img.push(self.ce.embed_image(&self.pixels(b)?, None)?.detach());
+        }
+        let mut txt = Vec::new();
+        let mut masks = Vec::new();
+        for b in self.chunks(m) {
+            let (ids, mask) = self.ids(b)?;
+            txt.push(self.ce.embed_text(&ids, None)?.detach());
+            masks.push(mask);
+        }
+        let out = (
+            Tensor::cat(&img, 0)?,
+            Tensor::cat(&txt, 0)?,
+            Tensor::cat(&masks, 0)?,
+        );
+        Ok((t0.elapsed().as_secs_f64(), out.0, out.1, out.2))
+    }
+
+    /// Runs the joint transformer on `pairs` (image, text) in batches; seconds.
+    fn cross_pairs(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        masks: &Tensor,
+        pairs: &[(u32, u32)],
+    ) -> Result<f64> {
+        let t0 = Instant::now();
+        for chunk in pairs.chunks(self.batch) {
+            let ii: Vec<u32> = chunk.iter().map(|p| p.0).collect();
+            let tt: Vec<u32> = chunk.iter().map(|p| p.1).collect();
+            let ii = Tensor::new(ii.as_slice(), &self.dev)?;
+            let tt = Tensor::new(tt.as_slice(), &self.dev)?;
+            let logits = self.ce.joint(
+                &txt.index_select(&tt, 0)?,
+                &masks.index_select(&tt, 0)?,
+                &img.index_select(&ii, 0)?,
+                None,
+            )?;
+            // Reading the scores back is part of the cost.
+            let _scores: Vec<f32> = cross::match_score(&logits)?.to_vec1()?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Per-item embedding cost and per-pair joint cost of the cross-encoder.
+    fn cross_rates(&self, sample: usize) -> Result<(f64, f64)> {
+        let items = self.batch.max(8);
+        // Warm-up: first calls allocate.
+        let (_, img, txt, masks) = self.cross_embed(items, items)?;
+        let warm: Vec<(u32, u32)> = (0..self.batch as u32)
+            .map(|i| (i % items as u32, i % items as u32))
+            .collect();
+        self.cross_pairs(&img, &txt, &masks, &warm)?;
+        let (t_embed, img, txt, masks) = self.cross_embed(items, items)?;
+        let per_item = t_embed / (2 * items) as f64;
+        let pairs: Vec<(u32, u32)> = (0..sample as u32)
+            .map(|p| (p % items as u32, (p / items as u32) % items as u32))
+            .collect();
+        let per_pair = self.cross_pairs(&img, &txt, &masks, &pairs)? / sample as f64;
+        Ok((per_item, per_pair))
+    }
+
+    /// Every pair of `n` images x `m` texts through the cross-encoder, plus
+    /// the top-k of both directions; seconds.
+    fn cross_full(&self, n: usize, m: usize) -> Result<f64> {
+        let (t_embed, img, txt, masks) = self.cross_embed(n, m)?;
+        let pairs: Vec<(u32, u32)> = (0..n as u32)
+            .flat_map(|i| (0..m as u32).map(move |t| (i, t)))
+            .collect();
+        let t_pairs = self.cross_pairs(&img, &txt, &masks, &pairs)?;
+        Ok(t_embed + t_pairs)
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} threads, CPU f32")
+}
+
+fn recall(r: &RetrievalReport) -> Value {
+    json!({
+        "i2t": r.i2t.recall.iter().map(|x| x.1).collect::<Vec<_>>(),
+        "t2i": r.t2i.recall.iter().map(|x| x.1).collect::<Vec<_>>(),
+        "rsum": r.rsum,
+    })
+}
+
+fn row(name: &str, r: &RetrievalReport, seconds: f64, passes: usize) -> String {
+    let f = |v: &[(usize, f64)]| {
+        v.iter()
+            .map(|x| format!("{:.1}", x.1))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    format!(
+        "| {name} | {} | {} | {:.1} | {seconds:.2} s | {passes} |",
+        f(&r.i2t.recall),
+        f(&r.t2i.recall),
+        r.rsum
+    )
+}
+
+/// Accuracy and time of both trained models and the hybrid on one test split.
+fn accuracy(
+    ts_dir: &PathBuf,
+    ce_dir: &PathBuf,
+    ks: &[usize],
+    limit: Option<usize>,
+) -> Result<(Value, String)> {
+    let dev = Device::Cpu;
+    let run = Run::open(ts_dir, &dev).with_context(|| format!("opening {}", ts_dir.display()))?;
+    let ce =
+        CrossRun::open(ce_dir, &dev).with_context(|| format!("opening {}", ce_dir.display()))?;
+    let mut data: Dataset = cots_train::trainer::load_dataset(&run.cfg)?.split(Split::Test)?;
+    if let Some(n) = limit {
+        data.items.truncate(n.max(1));
+    }
+    let (texts, targets) = data.queries();
+    let (n, m) = (data.items.len(), texts.len());
+    let mut md = format!(
+        "Test split of `{}`: {n} images x {m} captions, {} pairs.\n\n\
+         | model | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | RSUM | time | encoder passes |\n|---|---|---|---|---|---|\n",
+        ts_dir.display(),
+        n * m
+    );
+    let t0 = Instant::now();
+    let sources: Vec<_> = data.items.iter().map(|i| i.source.clone()).collect();
+    let img = run.embed_images(&sources)?;
+    let txt = run.embed_texts(&texts)?;
+    let sim = img.matmul(&txt.t()?)?;
+    let ts_report = cots_eval::evaluate_embeddings(&img, &txt, &targets, &Default::default())?;
+    let t_ts = t0.elapsed().as_secs_f64();
+    md += &row("two-stream (COTS objectives)", &ts_report, t_ts, n + m);
+    md += "\n";
+
+    let t1 = Instant::now();
+    let ce_report = ce.evaluate(&data)?;
+    let t_ce = t1.elapsed().as_secs_f64();
+    md += &row("single-stream (all pairs)", &ce_report, t_ce, n * m);
+    md += "\n";
+
+    let scorer = ce.scorer(&data, 256)?;
+    let mut hybrids = Vec::new();
+    for &k in ks {
+        let t = Instant::now();
+        let (report, passes) = hybrid_evaluate(&sim, |p| scorer.score_pairs(p), &targets, k)?;
+        // The hybrid pays for the two-stream pass too.
+        let secs = t.elapsed().as_secs_f64() + t_ts;
+        md += &row(
+            &format!("hybrid: two-stream top-{k}, re-scored"),
+            &report,
+            secs,
+            n + m + passes,
+        );
+        md += "\n";
+        hybrids.push(
+            json!({"k": k, "recall": recall(&report), "seconds": secs, "cross_passes": passes}),
+        );
+    }
+    Ok((
+        json!({
+            "test_images": n, "test_texts": m,
+            "two_stream": {"recall": recall(&ts_report), "seconds": t_ts, "run": ts_dir, "step": run.step},
+            "single_stream": {"recall": recall(&ce_report), "seconds": t_ce, "run": ce_dir, "step": ce.step},
+            "hybrid": hybrids,
+        }),
+        md,
+    ))
+}
+
+fn main() -> Result<()> {
+    let mut a = Args::parse();
+    if a.quick {
+        a.preset = "tiny".into();
+        a.images = a.images.min(500);
+        a.texts = a.texts.min(2500);
+    }
+    let base = a.preset == "base";
+    let small_n = a.small_images.unwrap_or(if a.quick {
+        20
+    } else if base {
+        8
+    } else {
+        40
+    });
+    let small_m = a.small_texts.unwrap_or(5 * small_n);
+    let sample = a.pair_sample.unwrap_or(if a.quick {
+        512
+    } else if base {
+        128
+    } else {
+        2048
+    });
+    let bench = Bench::new(&a.preset, a.batch, a.text_len)?;
+    let (n, m) = (a.images, a.texts);
+    let started = chrono_like_now();
+    eprintln!("speedup: preset {} on {}", a.preset, machine());
+
+    // Warm the two-stream path once so allocation is not timed.
+    bench.two_stream(bench.batch.min(n), bench.batch.min(m))?;
+    eprintln!("two-stream: full retrieval of {n} images x {m} texts ...");
+    let ts_large = bench.two_stream(n, m)?;
+    let ts_large_s = ts_large["total_s"].as_f64().unwrap_or(f64::NAN);
+
+    eprintln!("single-stream: per-pair rate over {sample} pairs ...");
+    let (per_item, per_pair) = bench.cross_rates(sample)?;
+    eprintln!(
+        "  {:.3} ms per pair, {:.3} ms per embedded item; two-stream took {ts_large_s:.1} s",
+        per_pair * 1e3,
+        per_item * 1e3
+    );
+    let predict = |n: usize, m: usize| per_item * (n + m) as f64 + per_pair * (n * m) as f64;
+    let ce_large_s = predict(n, m);
+
+    eprintln!("small problem, both measured in full: {small_n} x {small_m} ...");
+    let ts_small = bench.two_stream(small_n, small_m)?;
+    let ts_small_s = ts_small["total_s"].as_f64().unwrap_or(f64::NAN);
+    let ce_small_s = bench.cross_full(small_n, small_m)?;
+    let ce_small_pred = predict(small_n, small_m);
+    eprintln!("  single-stream: {ce_small_s:.1} s measured, {ce_small_pred:.1} s predicted");
+    let small_err = (ce_small_pred - ce_small_s).abs() / ce_small_s;
+
+    let ratio = ce_large_s / ts_large_s;
+    let mut md = format!(
+        "## Speed: {} preset, {} images x {} texts\n\n\
+         Measured {} on {}; command: `cargo xtask speedup --preset {}{}`.\n\n\
+         | | two-stream | single-stream |\n|---|---|---|\n\
+         | encoder passes | {} | {} (one per pair) |\n\
+         | large problem | {:.1} s measured | {:.0} s **extrapolated** from {:.2} ms/pair over {} pairs |\n\
+         | small problem {}x{} (all measured) | {:.2} s | {:.2} s measured, {:.2} s predicted ({:.1}% off) |\n\n\
+         Speed-up on the large problem: **{:.0}x** (two-stream: images {:.1} s, texts {:.1} s, similarity + top-k {:.2} s).\n",
+        a.preset, n, m, started, machine(), a.preset,
+        if a.quick { " --quick" } else { "" },
+        n + m, n * m,
+        ts_large_s, ce_large_s, per_pair * 1e3, sample,
+        small_n, small_m, ts_small_s, ce_small_s, ce_small_pred, 100.0 * small_err,
+        ratio,
+        ts_large["encode_images_s"].as_f64().unwrap_or(f64::NAN),
+        ts_large["encode_texts_s"].as_f64().unwrap_or(f64::NAN),
+        ts_large["similarity_topk_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    let mut out = json!({
+        "date": started, "machine": machine(), "preset": a.preset, "batch": a.batch,
+        "text_len": a.text_len, "precision": "f32",
+        "large": {
+            "two_stream_measured": ts_large,
+            "single_stream_extrapolated": {
+                "seconds": ce_large_s, "per_pair_s": per_pair, "per_item_embed_s": per_item,
+                "pair_sample": sample, "encoder_passes": n * m,
+            },
+            "speedup": ratio,
+        },
+        "small": {
+            "two_stream_measured_s": ts_small_s,
+            "single_stream_measured_s": ce_small_s,
+            "single_stream_predicted_s": ce_small_pred,
+            "relative_error": small_err,
+            "images": small_n, "texts": small_m,
+        },
+    });
+    match (&a.two_stream, &a.cross) {
+        (Some(t), Some(c)) => {
+            eprintln!("accuracy on the test split ...");
+            let (acc, table) = accuracy(t, c, &a.rerank_k, a.test_images)?;
+            out["accuracy"] = acc;
+            md += "\n## Accuracy, same test split\n\n";
+            md += &table;
+        }
+        (None, None) => {}
+        _ => bail!("--two-stream and --cross go together (both trained runs are needed)"),
+    }
+    let path = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("runs/speedup/{}.json", a.preset)));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{md}\nJSON: {}", path.display());
+    Ok(())
+}
+
+/// UTC date and time, from `date` (no extra dependency for one string).
+fn chrono_like_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown date".into())
+}

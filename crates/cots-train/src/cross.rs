@@ -1,0 +1,533 @@
+//! How is the single-stream baseline trained and used for retrieval?
+//!
+//! - [`train_cross`]: image-text matching (ITM) on the same data as a trained
+//!   two-stream run, with hard negatives mined from that run's contrastive
+//!   similarities (ALBEF's sampling: for each image a caption of another
+//!   image drawn with probability `softmax(sim / tau)`, and for each caption
+//!   an image the same way), so every positive has two negatives;
+//! - [`CrossRun`]: a trained cross-encoder opened for scoring;
+//! - [`CrossScorer`]: scores every (image, text) pair in batches: what
+//!   single-stream retrieval costs;
+//! - [`hybrid_evaluate`]: two-stream top-k, rescored by the cross-encoder
+//!   (the ALBEF/X-VLM two-stage recipe).
+//!
+//! A cross-encoder directory holds `cross.json` (model config, training
+//! config, the mining run's weights hash, step), `cross.safetensors` and
+//! `tokenizer.json`, plus `metrics.jsonl` (loss per step); the model files are written atomically, so a crash leaves the
+//! previous save intact. Training restarts from step 0 (no resume).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use cots_data::image_io::{load_pixels, ImageConfig};
+use cots_data::{Dataset, ImageSource, Loader, LoaderConfig, LoaderPosition, Split};
+use cots_encoders::cross::{self, match_score, CrossEncoder};
+use cots_encoders::tokenizer::TextTokenizer;
+use cots_eval::{evaluate_scorer, EvalOptions, MatrixScorer, PairScorer, RetrievalReport};
+use cots_objectives::itm::{HardNegativeSampler, Itm, ItmConfig};
+use cots_objectives::{ItmInputs, Objective, StepInputs};
+use cots_ops::SeededRng;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::inference::Run;
+use crate::metrics::MetricsWriter;
+use crate::model::{seed_init, sorted_vars};
+use crate::optim::{self, AdamW, OptimConfig};
+use crate::schedule::{lr_at, ScheduleConfig};
+use crate::trainer::load_dataset;
+use crate::{checkpoint, Error, Result};
+
+pub const CROSS_CONFIG_FILE: &str = "cross.json";
+pub const CROSS_WEIGHTS_FILE: &str = "cross.safetensors";
+
+/// Settings of [`train_cross`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CrossTrainConfig {
+    pub steps: u64,
+    /// Positive pairs per step (each brings two sampled negatives).
+    pub batch_size: usize,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    /// Temperature of the hard-negative sampling softmax.
+    pub negative_tau: f64,
+    pub seed: u64,
+    /// Save every this many steps (and at the end); 0 saves only at the end.
+    pub save_every: u64,
+}
+
+impl Default for CrossTrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 400,
+            batch_size: 32,
+            optim: OptimConfig {
+                lr: 2e-4,
+                ..OptimConfig::default()
+            },
+            schedule: ScheduleConfig {
+                warmup_steps: 40,
+                ..ScheduleConfig::default()
+            },
+            negative_tau: 0.05,
+            seed: 0,
+            save_every: 100,
+        }
+    }
+}
+
+/// A trained cross-encoder, opened for scoring.
+pub struct CrossRun {
+    pub dir: PathBuf,
+    pub cfg: cross::Config,
+    pub model: CrossEncoder,
+    pub tokenizer: TextTokenizer,
+    pub image: ImageConfig,
+    pub step: u64,
+    /// The ITM loss of the last training step.
+    pub loss: Option<f64>,
+    pub device: Device,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedMeta {
+    model: cross::Config,
+    image: ImageConfig,
+    train: CrossTrainConfig,
+    /// Weights hash of the two-stream run that mined the negatives.
+    miner: String,
+    step: u64,
+    /// The ITM loss of the last step trained.
+    #[serde(default)]
+    loss: Option<f64>,
+}
+
+fn save(dir: &Path, map: &VarMap, meta: &SavedMeta) -> Result<()> {
+    let tensors: std::collections::HashMap<String, Tensor> = sorted_vars(map)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let tmp = dir.join("cross.tmp.safetensors");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    let bytes = std::fs::read(&tmp).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&tmp);
+    checkpoint::write_atomic(&dir.join(CROSS_WEIGHTS_FILE), &bytes)?;
+    let text = serde_json::to_vec_pretty(meta).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    checkpoint::write_atomic(&dir.join(CROSS_CONFIG_FILE), &text)
+}
+
+/// Trains a cross-encoder the size of `miner`'s model on `miner`'s training
+/// split and writes it to `out`; returns it opened.
+pub fn train_cross(
+    miner: &Run,
+    out: &Path,
+    tc: &CrossTrainConfig,
+    quiet: bool,
+) -> Result<CrossRun> {
+    if tc.batch_size < 2 || tc.steps == 0 || tc.negative_tau <= 0.0 {
+        return Err(Error::Config(
+            "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let device = &miner.device;
+    let cfg = cross::Config::matching(&miner.model_cfg);
+    let map = VarMap::new();
+    let model = CrossEncoder::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
+    seed_init(&map, tc.seed)?;
+    let mut adam = AdamW::new(sorted_vars(&map), &tc.optim)?;
+
+    let data = load_dataset(&miner.cfg)?;
+    let train = Arc::new(data.split(Split::Train)?);
+    let tokenizer = Arc::new(miner.tokenizer.clone());
+    let image = miner.image_config();
+    let mut loader = Loader::new(
+        train,
+        tokenizer.clone(),
+        LoaderConfig {
+            batch_size: tc.batch_size,
+            seed: tc.seed,
+            max_text_len: cfg.max_text_len,
+            prefetch: 4,
+            image: image.clone(),
+            random_crop: None,
+            on_bad_input: miner.cfg.data.on_bad_input,
+        },
+        LoaderPosition::default(),
+    )?;
+    tokenizer.save(out)?;
+    let mut meta = SavedMeta {
+        model: cfg.clone(),
+        image: image.clone(),
+        train: tc.clone(),
+        miner: miner.weights_hash.clone(),
+        step: 0,
+        loss: None,
+    };
+    let metrics_path = out.join("metrics.jsonl");
+    let _ = std::fs::remove_file(&metrics_path);
+    let mut metrics = MetricsWriter::open(&metrics_path)?;
+    let mut sampler = HardNegativeSampler::new(tc.seed ^ 0x17a3);
+    let mut itm = Itm::new(&ItmConfig::default());
+    let temperature = miner.model.temperature()?.detach();
+
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(tc.steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "train-cross {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    for step in 0..tc.steps {
+        let b = loader.next_batch()?;
+        let pixels = b.pixels.to_device(device)?;
+        let ids = b.input_ids.to_device(device)?;
+        let mask = b.attention_mask.to_device(device)?;
+        let image_ids = b.image_ids.to_device(device)?;
+        // Mining: the frozen two-stream model's similarities.
+        let f = miner
+            .model
+            .encode_image(&pixels, None, None)?
+            .embed
+            .detach();
+        let t = miner
+            .model
+            .encode_text(&ids, Some(&mask), None)?
+            .embed
+            .detach();
+        let sim = f.matmul(&t.t()?)?;
+        let owners = b.image_ids.to_vec1::<u32>()?;
+        let neg_text = sampler.sample(&sim, &owners, &owners, tc.negative_tau)?;
+        let neg_image = sampler.sample(&sim.t()?, &owners, &owners, tc.negative_tau)?;
+        // Pairs: every positive, each image with a hard caption, each caption
+        // with a hard image (rows whose whole batch shares their id have none).
+        let n = owners.len();
+        let (mut img_rows, mut txt_rows, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            img_rows.push(i as u32);
+            txt_rows.push(i as u32);
+            labels.push(1u32);
+        }
+        for (i, j) in neg_text.iter().enumerate() {
+            if let Some(j) = j {
+                img_rows.push(i as u32);
+                txt_rows.push(*j as u32);
+                labels.push(0);
+            }
+        }
+        for (j, i) in neg_image.iter().enumerate() {
+            if let Some(i) = i {
+                img_rows.push(*i as u32);
+                txt_rows.push(j as u32);
+                labels.push(0);
+            }
+        }
+        let rng = SeededRng::new(tc.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
+        let img_tok = model.embed_image(&pixels, Some(&rng))?;
+        let txt_tok = model.embed_text(&ids, Some(&rng))?;
+        let img_idx = Tensor::new(img_rows.as_slice(), device)?;
+        let txt_idx = Tensor::new(txt_rows.as_slice(), device)?;
+        let logits = model.joint(
+            &txt_tok.index_select(&txt_idx, 0)?,
+            &mask.index_select(&txt_idx, 0)?,
+            &img_tok.index_select(&img_idx, 0)?,
+            Some(&rng),
+        )?;
+        let labels = Tensor::new(labels.as_slice(), device)?;
+        let inputs = StepInputs {
+            image_embed: &f,
+            text_embed: &t,
+            image_embed_m: None,
+            text_embed_m: None,
+            image_ids: &image_ids,
+            temperature: &temperature,
+            pair_weights: None,
+            mlm: None,
+            mvm: None,
+            itm: Some(ItmInputs {
+                logits: &logits,
+                labels: &labels,
+            }),
+        };
+        let loss = itm
+            .losses(&inputs)?
+            .into_iter()
+            .map(|term| term.value)
+            .reduce(|a, b| (a + b).expect("scalar losses add"))
+            .ok_or_else(|| Error::Config("the ITM objective returned no loss".into()))?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "train-cross: the ITM loss is {value} at step {step}; the last save in {} is intact",
+                out.display()
+            )));
+        }
+        let mut grads = optim::collect_grads(&loss.backward()?, &sorted_vars(&map));
+        if tc.optim.grad_clip > 0.0 {
+            optim::clip_grad_norm(&mut grads, tc.optim.grad_clip)?;
+        }
+        let lr = lr_at(&tc.schedule, tc.optim.lr, step, tc.steps);
+        adam.step(&grads, lr)?;
+        let pairs_s = ((step + 1) as usize * n) as f64 / started.elapsed().as_secs_f64();
+        meta.loss = Some(value);
+        metrics.write(
+            &json!({"step": step + 1, "loss/itm": value, "lr": lr, "pairs_per_s": pairs_s}),
+        )?;
+        bar.set_position(step + 1);
+        bar.set_message(format!("itm {value:.4} lr {lr:.2e} {pairs_s:.1} pos/s"));
+        if tc.save_every > 0 && (step + 1) % tc.save_every == 0 && step + 1 < tc.steps {
+            meta.step = step + 1;
+            save(out, &map, &meta)?;
+        }
+    }
+    bar.finish();
+    meta.step = tc.steps;
+    save(out, &map, &meta)?;
+    CrossRun::open(out, device)
+}
+
+impl CrossRun {
+    /// Opens a directory written by [`train_cross`].
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let meta_path = dir.join(CROSS_CONFIG_FILE);
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| Error::Io {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let meta: SavedMeta = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: meta_path.clone(),
+            message: e.to_string(),
+        })?;
+        let map = VarMap::new();
+        let model = CrossEncoder::new(
+            &meta.model,
+            VarBuilder::from_varmap(&map, DType::F32, device),
+        )?;
+        let weights = dir.join(CROSS_WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&weights, device)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
+        cots_encoders::weights::load_tensors(&map, &tensors, &weights, "", &[])?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cfg: meta.model,
+            model,
+            tokenizer: TextTokenizer::from_dir(dir)?,
+            image: meta.image,
+            step: meta.step,
+            loss: meta.loss,
+            device: device.clone(),
+        })
+    }
+
+    /// A scorer over every image and caption of `data`.
+    pub fn scorer(&self, data: &Dataset, pair_batch: usize) -> Result<CrossScorer<'_>> {
+        let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
+        let (texts, _) = data.queries();
+        CrossScorer::new(
+            &self.model,
+            &self.tokenizer,
+            &sources,
+            &texts,
+            &self.image,
+            pair_batch,
+            &self.device,
+        )
+    }
+
+    /// Full single-stream retrieval on `data`: every pair scored.
+    pub fn evaluate(&self, data: &Dataset) -> Result<RetrievalReport> {
+        let (_, targets) = data.queries();
+        let scorer = self.scorer(data, 256)?;
+        Ok(evaluate_scorer(
+            &scorer,
+            &targets,
+            &EvalOptions {
+                block: 64,
+                ..EvalOptions::default()
+            },
+            "image",
+        )?)
+    }
+}
+
+/// Scores (image, text) pairs with the joint transformer. The embedding
+/// layers run once per image and per text up front; the joint stack runs
+/// once per pair, `pair_batch` pairs at a time.
+pub struct CrossScorer<'a> {
+    model: &'a CrossEncoder,
+    images: Tensor,
+    texts: Tensor,
+    masks: Tensor,
+    pair_batch: usize,
+}
+
+impl<'a> CrossScorer<'a> {
+    pub fn new(
+        model: &'a CrossEncoder,
+        tokenizer: &TextTokenizer,
+        images: &[ImageSource],
+        texts: &[String],
+        image: &ImageConfig,
+        pair_batch: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if images.is_empty() || texts.is_empty() {
+            return Err(Error::Config(
+                "the cross-encoder needs images and texts to score".into(),
+            ));
+        }
+        let mut img = Vec::new();
+        for chunk in images.chunks(64) {
+            let pixels: Vec<Vec<f32>> = chunk
+                .par_iter()
+                .map(|s| load_pixels(s, image))
+                .collect::<std::result::Result<_, _>>()?;
+            let t = Tensor::from_vec(
+                pixels.concat(),
+                (chunk.len(), 3, image.size, image.size),
+                device,
+            )?;
+            // Detached: kept for many pairs, they must not hold the graph.
+            img.push(model.embed_image(&t, None)?.detach());
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (ids, masks) = tokenizer
+            .encode_batch(&refs, model.config().max_text_len)?
+            .to_tensors(device)?;
+        Ok(Self {
+            model,
+            images: Tensor::cat(&img, 0)?,
+            texts: model.embed_text(&ids, None)?.detach(),
+            masks,
+            pair_batch: pair_batch.max(1),
+        })
+    }
+
+    /// Scores of the listed `(image, text)` pairs, in order.
+    pub fn score_pairs(&self, pairs: &[(usize, usize)]) -> Result<Vec<f32>> {
+        let dev = self.images.device();
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(self.pair_batch) {
+            let ii: Vec<u32> = chunk.iter().map(|p| p.0 as u32).collect();
+            let tt: Vec<u32> = chunk.iter().map(|p| p.1 as u32).collect();
+            let ii = Tensor::new(ii.as_slice(), dev)?;
+            let tt = Tensor::new(tt.as_slice(), dev)?;
+            let logits = self.model.joint(
+                &self.texts.index_select(&tt, 0)?,
+                &self.masks.index_select(&tt, 0)?,
+                &self.images.index_select(&ii, 0)?,
+                None,
+            )?;
+            out.extend(
+                match_score(&logits)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl PairScorer for CrossScorer<'_> {
+    fn n_images(&self) -> usize {
+        self.images.dim(0).unwrap_or(0)
+    }
+    fn n_texts(&self) -> usize {
+        self.texts.dim(0).unwrap_or(0)
+    }
+    fn score_block(
+        &self,
+        images: std::ops::Range<usize>,
+        texts: std::ops::Range<usize>,
+    ) -> cots_eval::Result<Vec<f32>> {
+        let pairs: Vec<(usize, usize)> = images
+            .flat_map(|i| texts.clone().map(move |t| (i, t)))
+            .collect();
+        self.score_pairs(&pairs)
+            .map_err(|e| cots_eval::Error::Scorer(e.to_string()))
+    }
+}
+
+/// Two-stage retrieval: each query's top `k` by the two-stream similarity
+/// `sim` (`[N images, M texts]`), reordered by `score_pairs` (the
+/// cross-encoder: [`CrossScorer::score_pairs`]); the rest keep their
+/// two-stream order below them. Returns the report and the number of pairs
+/// re-scored (cross-encoder passes).
+pub fn hybrid_evaluate(
+    sim: &Tensor,
+    score_pairs: impl Fn(&[(usize, usize)]) -> Result<Vec<f32>>,
+    targets: &[usize],
+    k: usize,
+) -> Result<(RetrievalReport, usize)> {
+    let (n, m) = sim.dims2()?;
+    let s = sim.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Re-ranked candidates sit above every other item: their scores are
+    // shifted past the two-stream maximum.
+    let top = s.iter().flatten().fold(f32::MIN, |a, &b| a.max(b));
+    let lift = |x: f32| top + 1.0 + x;
+    // Sigmoid keeps cross scores in (0, 1), so the shift cannot be overtaken.
+    let squash = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let k_i = k.min(m);
+    let k_t = k.min(n);
+    let mut i2t = s.clone();
+    let mut pairs = Vec::new();
+    let mut rows = Vec::new();
+    for (i, row) in s.iter().enumerate() {
+        let mut order: Vec<usize> = (0..m).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &j in &order[..k_i] {
+            pairs.push((i, j));
+            rows.push(true);
+        }
+    }
+    let mut t2i = s.clone();
+    for j in 0..m {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| s[b][j].total_cmp(&s[a][j]).then(a.cmp(&b)));
+        for &i in &order[..k_t] {
+            pairs.push((i, j));
+            rows.push(false);
+        }
+    }
+    let scores = score_pairs(&pairs)?;
+    for ((&(i, j), &is_row), &c) in pairs.iter().zip(&rows).zip(&scores) {
+        if is_row {
+            i2t[i][j] = lift(squash(c));
+        } else {
+            t2i[i][j] = lift(squash(c));
+        }
+    }
+    let opts = EvalOptions::default();
+    let eval = |v: Vec<Vec<f32>>| -> Result<RetrievalReport> {
+        let scorer = MatrixScorer::new(v.concat(), n, m)?;
+        Ok(evaluate_scorer(&scorer, targets, &opts, "image")?)
+    };
+    let from_t2i = eval(t2i)?;
+    let mut report = eval(i2t)?;
+    report.t2i = from_t2i.t2i;
+    report.rsum = report
+        .i2t
+        .recall
+        .iter()
+        .chain(&report.t2i.recall)
+        .map(|r| r.1)
+        .sum();
+    Ok((report, pairs.len()))
+}
