@@ -27,6 +27,7 @@ use clap::Parser;
 use cots_data::{Dataset, Split};
 use cots_encoders::cross::{self, CrossEncoder};
 use cots_encoders::two_stream::{self, TwoStream};
+use cots_encoders::weights::frozen;
 use cots_eval::{top_k, RetrievalReport};
 use cots_train::cross::{hybrid_evaluate, CrossRun};
 use cots_train::inference::Run;
@@ -113,10 +114,14 @@ impl Bench {
             bail!("--text-len {text_len} does not fit the {preset} text encoder");
         }
         let dev = Device::Cpu;
+        // Random weights, then frozen (plain tensors): inference records no
+        // autograd graph, as `cots` inference does.
         let m1 = VarMap::new();
-        let ts = TwoStream::new(&ts_cfg, VarBuilder::from_varmap(&m1, DType::F32, &dev))?;
+        TwoStream::new(&ts_cfg, VarBuilder::from_varmap(&m1, DType::F32, &dev))?;
+        let ts = TwoStream::new(&ts_cfg, frozen(&m1, DType::F32, &dev))?;
         let m2 = VarMap::new();
-        let ce = CrossEncoder::new(&ce_cfg, VarBuilder::from_varmap(&m2, DType::F32, &dev))?;
+        CrossEncoder::new(&ce_cfg, VarBuilder::from_varmap(&m2, DType::F32, &dev))?;
+        let ce = CrossEncoder::new(&ce_cfg, frozen(&m2, DType::F32, &dev))?;
         Ok(Self {
             ts,
             ce,
@@ -163,6 +168,7 @@ impl Bench {
         }
         let img = Tensor::cat(&img, 0)?;
         let t_img = t0.elapsed().as_secs_f64();
+        eprintln!("  two-stream: {n} images encoded in {t_img:.1} s");
         let t1 = Instant::now();
         let mut txt = Vec::new();
         for b in self.chunks(m) {
@@ -171,6 +177,7 @@ impl Bench {
         }
         let txt = Tensor::cat(&txt, 0)?;
         let t_txt = t1.elapsed().as_secs_f64();
+        eprintln!("  two-stream: {m} texts encoded in {t_txt:.1} s");
         let t2 = Instant::now();
         let a = top_k(&txt, &img, 10)?;
         let b = top_k(&img, &txt, 10)?;
@@ -318,7 +325,22 @@ fn accuracy(
     }
     let (texts, targets) = data.queries();
     let (n, m) = (data.items.len(), texts.len());
+    let (v, t, j) = (&run.model_cfg.vision, &run.model_cfg.text, &ce.cfg.joint);
     let mut md = format!(
+        "Trained models: two-stream `{}` (ViT {}x{}, BERT {}x{}, step {}); single-stream `{}` \
+         ({} layers x {}, step {}).\n\n",
+        ts_dir.display(),
+        v.num_hidden_layers,
+        v.hidden_size,
+        t.num_hidden_layers,
+        t.hidden_size,
+        run.step,
+        ce_dir.display(),
+        j.num_hidden_layers,
+        j.hidden_size,
+        ce.step
+    );
+    md += &format!(
         "Test split of `{}`: {n} images x {m} captions, {} pairs.\n\n\
          | model | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | RSUM | time | encoder passes |\n|---|---|---|---|---|---|\n",
         ts_dir.display(),
@@ -331,7 +353,7 @@ fn accuracy(
     let sim = img.matmul(&txt.t()?)?;
     let ts_report = cots_eval::evaluate_embeddings(&img, &txt, &targets, &Default::default())?;
     let t_ts = t0.elapsed().as_secs_f64();
-    md += &row("two-stream (COTS objectives)", &ts_report, t_ts, n + m);
+    md += &row("two-stream", &ts_report, t_ts, n + m);
     md += "\n";
 
     let t1 = Instant::now();
@@ -370,6 +392,7 @@ fn accuracy(
 }
 
 fn main() -> Result<()> {
+    let command_line = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     let mut a = Args::parse();
     if a.quick {
         a.preset = "tiny".into();
@@ -424,14 +447,13 @@ fn main() -> Result<()> {
     let ratio = ce_large_s / ts_large_s;
     let mut md = format!(
         "## Speed: {} preset, {} images x {} texts\n\n\
-         Measured {} on {}; command: `cargo xtask speedup --preset {}{}`.\n\n\
+         Measured {} on {}; command: `cargo xtask speedup {}`.\n\n\
          | | two-stream | single-stream |\n|---|---|---|\n\
          | encoder passes | {} | {} (one per pair) |\n\
          | large problem | {:.1} s measured | {:.0} s **extrapolated** from {:.2} ms/pair over {} pairs |\n\
          | small problem {}x{} (all measured) | {:.2} s | {:.2} s measured, {:.2} s predicted ({:.1}% off) |\n\n\
          Speed-up on the large problem: **{:.0}x** (two-stream: images {:.1} s, texts {:.1} s, similarity + top-k {:.2} s).\n",
-        a.preset, n, m, started, machine(), a.preset,
-        if a.quick { " --quick" } else { "" },
+        a.preset, n, m, started, machine(), command_line,
         n + m, n * m,
         ts_large_s, ce_large_s, per_pair * 1e3, sample,
         small_n, small_m, ts_small_s, ce_small_s, ce_small_pred, 100.0 * small_err,
@@ -441,7 +463,7 @@ fn main() -> Result<()> {
         ts_large["similarity_topk_s"].as_f64().unwrap_or(f64::NAN),
     );
     let mut out = json!({
-        "date": started, "machine": machine(), "preset": a.preset, "batch": a.batch,
+        "date": started, "machine": machine(), "command": command_line, "preset": a.preset, "batch": a.batch,
         "text_len": a.text_len, "precision": "f32",
         "large": {
             "two_stream_measured": ts_large,

@@ -81,7 +81,7 @@ fn padding_and_batching_do_not_change_a_pairs_score() -> TestResult {
         ids.extend(
             t.iter()
                 .copied()
-                .chain(std::iter::repeat(0).take(len - t.len())),
+                .chain(std::iter::repeat_n(0, len - t.len())),
         );
         mask.extend((0..len).map(|j| u32::from(j < t.len())));
     }

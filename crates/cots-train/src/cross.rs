@@ -138,6 +138,12 @@ pub fn train_cross(
             "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
         ));
     }
+    if out.join(CROSS_CONFIG_FILE).exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a cross-encoder: choose another output directory or remove it",
+            out.display()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,
@@ -478,42 +484,57 @@ pub fn hybrid_evaluate(
 ) -> Result<(RetrievalReport, usize)> {
     let (n, m) = sim.dims2()?;
     let s = sim.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    // Re-ranked candidates sit above every other item: their scores are
-    // shifted past the two-stream maximum.
-    let top = s.iter().flatten().fold(f32::MIN, |a, &b| a.max(b));
-    let lift = |x: f32| top + 1.0 + x;
-    // Sigmoid keeps cross scores in (0, 1), so the shift cannot be overtaken.
-    let squash = |x: f32| 1.0 / (1.0 + (-x).exp());
-    let k_i = k.min(m);
-    let k_t = k.min(n);
-    let mut i2t = s.clone();
-    let mut pairs = Vec::new();
-    let mut rows = Vec::new();
+    let best_first = |a: (usize, f32), b: (usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    // Each query's candidates: image queries first (k_i texts each), then
+    // text queries (k_t images each), as (image, text) pairs.
+    let (k_i, k_t) = (k.min(m), k.min(n));
+    let mut pairs = Vec::with_capacity(n * k_i + m * k_t);
     for (i, row) in s.iter().enumerate() {
         let mut order: Vec<usize> = (0..m).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        for &j in &order[..k_i] {
-            pairs.push((i, j));
-            rows.push(true);
-        }
+        order.sort_by(|&a, &b| best_first((a, row[a]), (b, row[b])));
+        pairs.extend(order[..k_i].iter().map(|&j| (i, j)));
     }
-    let mut t2i = s.clone();
-    for j in 0..m {
+    let columns: Vec<Vec<f32>> = (0..m)
+        .map(|j| s.iter().map(|row| row[j]).collect())
+        .collect();
+    for (j, col) in columns.iter().enumerate() {
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| s[b][j].total_cmp(&s[a][j]).then(a.cmp(&b)));
-        for &i in &order[..k_t] {
-            pairs.push((i, j));
-            rows.push(false);
-        }
+        order.sort_by(|&a, &b| best_first((a, col[a]), (b, col[b])));
+        pairs.extend(order[..k_t].iter().map(|&i| (i, j)));
     }
     let scores = score_pairs(&pairs)?;
-    for ((&(i, j), &is_row), &c) in pairs.iter().zip(&rows).zip(&scores) {
-        if is_row {
-            i2t[i][j] = lift(squash(c));
-        } else {
-            t2i[i][j] = lift(squash(c));
-        }
+    if scores.len() != pairs.len() {
+        return Err(Error::Config(format!(
+            "the re-ranker returned {} scores for {} pairs",
+            scores.len(),
+            pairs.len()
+        )));
     }
+    // Re-ranked candidates get scores a whole number of units above every
+    // two-stream similarity, best cross score highest (no rounding can tie
+    // them); the other items keep their two-stream score and order below.
+    let top = s.iter().flatten().fold(f32::MIN, |a, &b| a.max(b));
+    let lift = |p: usize, k: usize| top + 1.0 + (k - p) as f32;
+    // Writes one direction's re-ranked groups (`k` candidates per query)
+    // into a copy of the similarity matrix; `by_text` says which side of a
+    // pair breaks ties.
+    let rerank = |pairs: &[(usize, usize)], scores: &[f32], k: usize, by_text: bool| {
+        let mut out = s.clone();
+        for (group, sc) in pairs.chunks(k.max(1)).zip(scores.chunks(k.max(1))) {
+            let key = |q: usize| if by_text { group[q].1 } else { group[q].0 };
+            let mut idx: Vec<usize> = (0..group.len()).collect();
+            idx.sort_by(|&a, &b| best_first((key(a), sc[a]), (key(b), sc[b])));
+            for (p, q) in idx.into_iter().enumerate() {
+                let (i, j) = group[q];
+                out[i][j] = lift(p, k);
+            }
+        }
+        out
+    };
+    let (row_pairs, col_pairs) = pairs.split_at(n * k_i);
+    let (row_scores, col_scores) = scores.split_at(n * k_i);
+    let i2t = rerank(row_pairs, row_scores, k_i, true);
+    let t2i = rerank(col_pairs, col_scores, k_t, false);
     let opts = EvalOptions::default();
     let eval = |v: Vec<Vec<f32>>| -> Result<RetrievalReport> {
         let scorer = MatrixScorer::new(v.concat(), n, m)?;

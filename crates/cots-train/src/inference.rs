@@ -122,11 +122,17 @@ impl Run {
         let (tensors, meta) = checkpoint::load(&ckpt)?;
         let weights = checkpoint::strip(&checkpoint::strip(&tensors, "online"), MODEL_PREFIX);
         let map = VarMap::new();
-        let model = TwoStream::new(
+        TwoStream::new(
             &model_cfg,
             VarBuilder::from_varmap(&map, DType::F32, device),
         )?;
+        // Loading through the VarMap names any missing or mis-shaped tensor;
+        // the model itself is rebuilt on plain tensors (no autograd graph).
         cots_encoders::weights::load_tensors(&map, &weights, &ckpt, "", &[])?;
+        let model = TwoStream::new(
+            &model_cfg,
+            cots_encoders::weights::frozen(&map, DType::F32, device),
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             weights_hash: checkpoint::weights_hash(&weights)?,

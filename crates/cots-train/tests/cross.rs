@@ -55,6 +55,13 @@ fn a_trained_cross_encoder_reopens_and_scores_every_pair_consistently() {
     };
     let trained = train_cross(&run, ce_dir.path(), &tc, true).unwrap();
     assert_eq!(trained.step, 3);
+    assert!(trained.loss.is_some_and(f64::is_finite));
+    // A second run into the same directory must not replace the first.
+    let err = train_cross(&run, ce_dir.path(), &tc, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds a cross-encoder"), "{err}");
     let reopened = CrossRun::open(ce_dir.path(), &Device::Cpu).unwrap();
 
     let data = load_dataset(&run.cfg).unwrap().split(Split::Test).unwrap();
