@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use cots_encoders::weights::frozen;
 use cots_encoders::{bert, vit};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -22,8 +23,10 @@ fn encoders(c: &mut Criterion) {
 
     let vm = VarMap::new();
     let cfg = vit::Config::base();
-    let model = vit::VisionTransformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))
-        .expect("build ViT-B/16");
+    vit::VisionTransformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("vit");
+    // Frozen (plain tensors), as inference runs: no autograd graph recorded.
+    let model =
+        vit::VisionTransformer::new(&cfg, frozen(&vm, DType::F32, &dev)).expect("build ViT-B/16");
     let batch = 8;
     let pixels = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).expect("pixels");
     group.throughput(Throughput::Elements(batch as u64));
@@ -34,8 +37,8 @@ fn encoders(c: &mut Criterion) {
 
     let vm = VarMap::new();
     let cfg = bert::Config::base();
-    let model = bert::BertModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))
-        .expect("build BERT-base");
+    bert::BertModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).expect("bert");
+    let model = bert::BertModel::new(&cfg, frozen(&vm, DType::F32, &dev)).expect("build BERT-base");
     let (batch, len) = (32, 32);
     let ids = Tensor::rand(0f32, cfg.vocab_size as f32, (batch, len), &dev)
         .and_then(|t| t.to_dtype(DType::U32))
