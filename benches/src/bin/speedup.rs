@@ -158,13 +158,7 @@ impl Bench {
         let t0 = Instant::now();
         let mut img = Vec::new();
         for b in self.chunks(n) {
-            // Detached, as inference does: the weights are variables.
-            img.push(
-                self.ts
-                    .encode_image(&self.pixels(b)?, None, None)?
-                    .embed
-                    .detach(),
-            );
+            img.push(self.ts.encode_image(&self.pixels(b)?, None, None)?.embed);
         }
         let img = Tensor::cat(&img, 0)?;
         let t_img = t0.elapsed().as_secs_f64();
@@ -173,7 +167,7 @@ impl Bench {
         let mut txt = Vec::new();
         for b in self.chunks(m) {
             let (ids, mask) = self.ids(b)?;
-            txt.push(self.ts.encode_text(&ids, Some(&mask), None)?.embed.detach());
+            txt.push(self.ts.encode_text(&ids, Some(&mask), None)?.embed);
         }
         let txt = Tensor::cat(&txt, 0)?;
         let t_txt = t1.elapsed().as_secs_f64();
@@ -198,13 +192,13 @@ impl Bench {
         let t0 = Instant::now();
         let mut img = Vec::new();
         for b in self.chunks(n) {
-            img.push(self.ce.embed_image(&self.pixels(b)?, None)?.detach());
+            img.push(self.ce.embed_image(&self.pixels(b)?, None)?);
         }
         let mut txt = Vec::new();
         let mut masks = Vec::new();
         for b in self.chunks(m) {
             let (ids, mask) = self.ids(b)?;
-            txt.push(self.ce.embed_text(&ids, None)?.detach());
+            txt.push(self.ce.embed_text(&ids, None)?);
             masks.push(mask);
         }
         let out = (

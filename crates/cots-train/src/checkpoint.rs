@@ -68,7 +68,7 @@ pub fn save(
     Ok(json)
 }
 
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> candle_core::Result<Vec<u8>> {
+pub(crate) fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> candle_core::Result<Vec<u8>> {
     // candle writes through a path; serialise in memory so the atomic writer
     // owns every byte that reaches the disk.
     let mut names: Vec<&String> = tensors.keys().collect();

@@ -113,14 +113,10 @@ fn save(dir: &Path, map: &VarMap, meta: &SavedMeta) -> Result<()> {
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
-    let tmp = dir.join("cross.tmp.safetensors");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    let bytes = std::fs::read(&tmp).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&tmp);
-    checkpoint::write_atomic(&dir.join(CROSS_WEIGHTS_FILE), &bytes)?;
+    let weights = dir.join(CROSS_WEIGHTS_FILE);
+    let bytes = checkpoint::safetensors_bytes(&tensors)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
+    checkpoint::write_atomic(&weights, &bytes)?;
     let text = serde_json::to_vec_pretty(meta).map_err(|e| Error::Checkpoint(e.to_string()))?;
     checkpoint::write_atomic(&dir.join(CROSS_CONFIG_FILE), &text)
 }

@@ -43,8 +43,10 @@ pub fn embed_images(
             .collect::<std::result::Result<_, _>>()?;
         let n = chunk.len();
         let t = Tensor::from_vec(pixels.concat(), (n, 3, image.size, image.size), device)?;
-        // Detached: the weights are variables, so an attached output would
-        // keep every batch's activations alive through the autograd graph.
+        // Detached: validation during training passes the online model, whose
+        // weights are variables; an attached output would keep every batch's
+        // activations alive through the autograd graph. (A `Run`'s model is
+        // frozen and records no graph.)
         out.push(model.encode_image(&t, None, None)?.embed.detach());
     }
     if out.is_empty() {
