@@ -20,36 +20,47 @@ row() { # name, objectives TOML
   if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then return 0; fi
   printf '%s\n%s\n' "$base" "$2" | sed "s#^out = .*#out = \"$out/$name\"#; s#^steps = .*#steps = $steps#" > "$cfg"
   if [ "$name" = mvlm ]; then sed -i "s#^\[model\]#[model]\ndvae = \"$out/dvae\"#" "$cfg"; fi
+  # Noisy rows: 20% of the training images carry another image's captions.
+  if [[ "$name" == *_noisy ]]; then sed -i "s#^\[data\]\$#[data]\nnoisy_pairs = 0.2#" "$cfg"; fi
   rm -rf "$out/$name"
   $cots -q train --config "$cfg"
   $cots -q eval --run "$out/$name" --markdown "$out/$name/eval.md" --json "$out/$name/eval.json" > /dev/null
   echo "== $name"; cat "$out/$name/eval.md"
 }
-row clip '[objectives.amf]
-enabled = false
-[[objectives.objectives]]
-kind = "clip"'
-row itc_queue '[objectives.queue]
-size = 4096
-[objectives.amf]
-enabled = false
-[[objectives.objectives]]
+queue='[objectives.queue]
+size = 4096'
+no_amf='[objectives.amf]
+enabled = false'
+itc='[[objectives.objectives]]
 kind = "itc"'
-row itc_kl '[objectives.queue]
-size = 4096
-[objectives.amf]
-enabled = false
-[[objectives.objectives]]
-kind = "itc"
-[[objectives.objectives]]
+kl='[[objectives.objectives]]
 kind = "kl"'
-row mvlm '[objectives.queue]
-size = 4096
+row clip "$no_amf
+[[objectives.objectives]]
+kind = \"clip\""
+row itc_queue "$queue
+$no_amf
+$itc"
+row itc_kl "$queue
+$no_amf
+$itc
+$kl"
+row mvlm "$queue
+$no_amf
+$itc
+$kl
+[[objectives.objectives]]
+kind = \"mvlm\""
+# The adaptive momentum filter against injected noisy pairs: the same ITC + KL
+# run on data with 20% mismatched training pairs, without and with the filter
+# (a 100-step warm-up so it acts within the budget).
+row itc_kl_noisy "$queue
+$no_amf
+$itc
+$kl"
+row itc_kl_amf_noisy "$queue
 [objectives.amf]
-enabled = false
-[[objectives.objectives]]
-kind = "itc"
-[[objectives.objectives]]
-kind = "kl"
-[[objectives.objectives]]
-kind = "mvlm"'
+enabled = true
+warmup_steps = 100
+$itc
+$kl"

@@ -5,6 +5,7 @@
 
 mod bench;
 mod ci;
+mod data;
 mod speedup;
 mod util;
 
@@ -19,6 +20,8 @@ Commands:
                      few-minute version CI runs (fails on a broken benchmark, never on a slow machine)
   speedup [args]     two-stream vs single-stream retrieval time (the paper's 10,800x claim);
                      args go to the speedup binary (try `cargo xtask speedup --help`)
+  data emoji [args]  download, verify and build the multi-style emoji retrieval benchmark
+                     into data/emoji (try `cargo xtask data emoji --help`)
 ";
 
 fn main() {
@@ -38,6 +41,7 @@ fn run() -> Result<()> {
         "ci" => ci::run(rest),
         "bench" => bench::run(rest),
         "speedup" => speedup::run(rest),
+        "data" => data::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

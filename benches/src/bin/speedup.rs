@@ -11,13 +11,17 @@
 //!    sample, extrapolated to every pair (labelled as such);
 //! 2. a small problem measured in full for BOTH models, compared with what
 //!    the rates predict, so the extrapolation is checked against reality;
-//! 3. with `--two-stream RUN --cross RUN`, the accuracy of both trained
-//!    models and of the two-stage hybrid (two-stream top-k re-scored by the
-//!    cross-encoder) on the same test split, with their measured times.
+//!    VLDeformer's decomposed encoders (same stack, one modality at a time)
+//!    are timed beside them: per-item rates from a sample, scaled to the
+//!    large problem (labelled), and the small problem in full;
+//! 3. with `--two-stream RUN --cross RUN` (and optionally `--decomposed
+//!    RUN`), the accuracy of the trained models and of the two-stage hybrid
+//!    (two-stream top-k re-scored by the cross-encoder) on the same test
+//!    split, with their measured times (`cots_train::compare`).
 //!
 //! Results go to a JSON file and a Markdown summary on stdout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -26,10 +30,13 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use cots_data::{Dataset, Split};
 use cots_encoders::cross::{self, CrossEncoder};
+use cots_encoders::decomposed::{self, Decomposed};
+use cots_encoders::dual::DualEncoder;
 use cots_encoders::two_stream::{self, TwoStream};
 use cots_encoders::weights::frozen;
-use cots_eval::{top_k, RetrievalReport};
-use cots_train::cross::{hybrid_evaluate, CrossRun};
+use cots_eval::top_k;
+use cots_train::compare::{compare, Contenders};
+use cots_train::cross::CrossRun;
 use cots_train::inference::Run;
 use serde_json::{json, Value};
 
@@ -77,6 +84,10 @@ struct Args {
     /// A cross-encoder trained by `cots train-cross` (for the accuracy comparison).
     #[arg(long)]
     cross: Option<PathBuf>,
+    /// A decomposed model from `cots decompose` (adds VLDeformer to the
+    /// accuracy comparison).
+    #[arg(long)]
+    decomposed: Option<PathBuf>,
     /// Use only the first N test images (and their captions) for the
     /// accuracy comparison: the cross-encoder scores every pair, so the cost
     /// grows with images x captions.
@@ -94,6 +105,8 @@ struct Args {
 struct Bench {
     ts: TwoStream,
     ce: CrossEncoder,
+    /// VLDeformer: the cross-encoder's stack run on one modality at a time.
+    dec: Decomposed,
     image_size: usize,
     vocab: usize,
     batch: usize,
@@ -122,9 +135,14 @@ impl Bench {
         let m2 = VarMap::new();
         CrossEncoder::new(&ce_cfg, VarBuilder::from_varmap(&m2, DType::F32, &dev))?;
         let ce = CrossEncoder::new(&ce_cfg, frozen(&m2, DType::F32, &dev))?;
+        let dec_cfg = decomposed::Config::new(&ce_cfg, ts_cfg.embed_dim, 2, 3);
+        let m3 = VarMap::new();
+        Decomposed::new(&dec_cfg, VarBuilder::from_varmap(&m3, DType::F32, &dev))?;
+        let dec = Decomposed::new(&dec_cfg, frozen(&m3, DType::F32, &dev))?;
         Ok(Self {
             ts,
             ce,
+            dec,
             image_size: ts_cfg.vision.image_size,
             vocab: ts_cfg.text.vocab_size,
             batch,
@@ -155,23 +173,36 @@ impl Bench {
 
     /// Full two-stream retrieval of `n` images x `m` texts: seconds per stage.
     fn two_stream(&self, n: usize, m: usize) -> Result<Value> {
+        self.retrieval(&self.ts, "two-stream", n, m)
+    }
+
+    /// Full retrieval of `n` images x `m` texts with any two-encoder model
+    /// (encode gallery, encode queries, similarity, top-k both ways):
+    /// seconds per stage.
+    fn retrieval<M: DualEncoder>(
+        &self,
+        model: &M,
+        what: &str,
+        n: usize,
+        m: usize,
+    ) -> Result<Value> {
         let t0 = Instant::now();
         let mut img = Vec::new();
         for b in self.chunks(n) {
-            img.push(self.ts.encode_image(&self.pixels(b)?, None, None)?.embed);
+            img.push(model.embed_images(&self.pixels(b)?)?);
         }
         let img = Tensor::cat(&img, 0)?;
         let t_img = t0.elapsed().as_secs_f64();
-        eprintln!("  two-stream: {n} images encoded in {t_img:.1} s");
+        eprintln!("  {what}: {n} images encoded in {t_img:.1} s");
         let t1 = Instant::now();
         let mut txt = Vec::new();
         for b in self.chunks(m) {
             let (ids, mask) = self.ids(b)?;
-            txt.push(self.ts.encode_text(&ids, Some(&mask), None)?.embed);
+            txt.push(model.embed_texts(&ids, &mask)?);
         }
         let txt = Tensor::cat(&txt, 0)?;
         let t_txt = t1.elapsed().as_secs_f64();
-        eprintln!("  two-stream: {m} texts encoded in {t_txt:.1} s");
+        eprintln!("  {what}: {m} texts encoded in {t_txt:.1} s");
         let t2 = Instant::now();
         let a = top_k(&txt, &img, 10)?;
         let b = top_k(&img, &txt, 10)?;
@@ -279,48 +310,28 @@ fn machine() -> String {
     format!("{cpu}, {cores} threads, CPU f32")
 }
 
-fn recall(r: &RetrievalReport) -> Value {
-    json!({
-        "i2t": r.i2t.recall.iter().map(|x| x.1).collect::<Vec<_>>(),
-        "t2i": r.t2i.recall.iter().map(|x| x.1).collect::<Vec<_>>(),
-        "rsum": r.rsum,
-    })
-}
-
-fn row(name: &str, r: &RetrievalReport, seconds: f64, passes: usize) -> String {
-    let f = |v: &[(usize, f64)]| {
-        v.iter()
-            .map(|x| format!("{:.1}", x.1))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    format!(
-        "| {name} | {} | {} | {:.1} | {seconds:.2} s | {passes} |",
-        f(&r.i2t.recall),
-        f(&r.t2i.recall),
-        r.rsum
-    )
-}
-
-/// Accuracy and time of both trained models and the hybrid on one test split.
+/// Accuracy and time of the trained models and the hybrid on one test split
+/// (`cots_train::compare`, as `cots compare` reports them).
 fn accuracy(
-    ts_dir: &PathBuf,
-    ce_dir: &PathBuf,
+    ts_dir: &Path,
+    ce_dir: &Path,
+    dec_dir: Option<&PathBuf>,
     ks: &[usize],
     limit: Option<usize>,
 ) -> Result<(Value, String)> {
     let dev = Device::Cpu;
-    let run = Run::open(ts_dir, &dev).with_context(|| format!("opening {}", ts_dir.display()))?;
+    let open = |d: &Path| Run::open(d, &dev).with_context(|| format!("opening {}", d.display()));
+    let run = open(ts_dir)?;
     let ce =
         CrossRun::open(ce_dir, &dev).with_context(|| format!("opening {}", ce_dir.display()))?;
+    let dec = dec_dir.map(|d| open(d)).transpose()?;
     let mut data: Dataset = cots_train::trainer::load_dataset(&run.cfg)?.split(Split::Test)?;
     if let Some(n) = limit {
         data.items.truncate(n.max(1));
     }
-    let (texts, targets) = data.queries();
-    let (n, m) = (data.items.len(), texts.len());
-    let (v, t, j) = (&run.model_cfg.vision, &run.model_cfg.text, &ce.cfg.joint);
-    let mut md = format!(
+    let ts_cfg = run.two_stream("the speedup comparison")?.config();
+    let (v, t, j) = (&ts_cfg.vision, &ts_cfg.text, &ce.cfg.joint);
+    let md = format!(
         "Trained models: two-stream `{}` (ViT {}x{}, BERT {}x{}, step {}); single-stream `{}` \
          ({} layers x {}, step {}).\n\n",
         ts_dir.display(),
@@ -334,55 +345,16 @@ fn accuracy(
         j.hidden_size,
         ce.step
     );
-    md += &format!(
-        "Test split of `{}`: {n} images x {m} captions, {} pairs.\n\n\
-         | model | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | RSUM | time | encoder passes |\n|---|---|---|---|---|---|\n",
-        ts_dir.display(),
-        n * m
-    );
-    let t0 = Instant::now();
-    let sources: Vec<_> = data.items.iter().map(|i| i.source.clone()).collect();
-    let img = run.embed_images(&sources)?;
-    let txt = run.embed_texts(&texts)?;
-    let sim = img.matmul(&txt.t()?)?;
-    let ts_report = cots_eval::evaluate_embeddings(&img, &txt, &targets, &Default::default())?;
-    let t_ts = t0.elapsed().as_secs_f64();
-    md += &row("two-stream", &ts_report, t_ts, n + m);
-    md += "\n";
-
-    let t1 = Instant::now();
-    let ce_report = ce.evaluate(&data)?;
-    let t_ce = t1.elapsed().as_secs_f64();
-    md += &row("single-stream (all pairs)", &ce_report, t_ce, n * m);
-    md += "\n";
-
-    let scorer = ce.scorer(&data, 256)?;
-    let mut hybrids = Vec::new();
-    for &k in ks {
-        let t = Instant::now();
-        let (report, passes) = hybrid_evaluate(&sim, |p| scorer.score_pairs(p), &targets, k)?;
-        // The hybrid pays for the two-stream pass too.
-        let secs = t.elapsed().as_secs_f64() + t_ts;
-        md += &row(
-            &format!("hybrid: two-stream top-{k}, re-scored"),
-            &report,
-            secs,
-            n + m + passes,
-        );
-        md += "\n";
-        hybrids.push(
-            json!({"k": k, "recall": recall(&report), "seconds": secs, "cross_passes": passes}),
-        );
-    }
-    Ok((
-        json!({
-            "test_images": n, "test_texts": m,
-            "two_stream": {"recall": recall(&ts_report), "seconds": t_ts, "run": ts_dir, "step": run.step},
-            "single_stream": {"recall": recall(&ce_report), "seconds": t_ce, "run": ce_dir, "step": ce.step},
-            "hybrid": hybrids,
-        }),
-        md,
-    ))
+    let cmp = compare(
+        &Contenders {
+            cross: &ce,
+            decomposed: dec.as_ref(),
+            cots: &run,
+            rerank_k: ks,
+        },
+        &data,
+    )?;
+    Ok((cmp.to_json(), md + &cmp.to_markdown()))
 }
 
 fn main() -> Result<()> {
@@ -430,9 +402,25 @@ fn main() -> Result<()> {
     let predict = |n: usize, m: usize| per_item * (n + m) as f64 + per_pair * (n * m) as f64;
     let ce_large_s = predict(n, m);
 
+    // VLDeformer at the same size: per-item rates from a sample of one
+    // batch of images and five of texts, scaled to the large problem, plus
+    // the two-stream model's measured similarity and top-k time (the same
+    // matrix product at the same embedding width).
+    let (dn, dm) = (bench.batch.min(n), (5 * bench.batch).min(m));
+    eprintln!("decomposed (VLDeformer): per-item rates over {dn} images and {dm} texts ...");
+    bench.retrieval(&bench.dec, "decomposed", dn.min(4), dm.min(4))?;
+    let dec_sample = bench.retrieval(&bench.dec, "decomposed", dn, dm)?;
+    let per = |k: &str, count: usize| dec_sample[k].as_f64().unwrap_or(f64::NAN) / count as f64;
+    let (dec_img, dec_txt) = (per("encode_images_s", dn), per("encode_texts_s", dm));
+    let dec_large_s = dec_img * n as f64
+        + dec_txt * m as f64
+        + ts_large["similarity_topk_s"].as_f64().unwrap_or(f64::NAN);
+
     eprintln!("small problem, both measured in full: {small_n} x {small_m} ...");
     let ts_small = bench.two_stream(small_n, small_m)?;
     let ts_small_s = ts_small["total_s"].as_f64().unwrap_or(f64::NAN);
+    let dec_small = bench.retrieval(&bench.dec, "decomposed", small_n, small_m)?;
+    let dec_small_s = dec_small["total_s"].as_f64().unwrap_or(f64::NAN);
     let ce_small_s = bench.cross_full(small_n, small_m)?;
     let ce_small_pred = predict(small_n, small_m);
     eprintln!("  single-stream: {ce_small_s:.1} s measured, {ce_small_pred:.1} s predicted");
@@ -446,7 +434,10 @@ fn main() -> Result<()> {
          | encoder passes | {} | {} (one per pair) |\n\
          | large problem | {:.1} s measured | {:.0} s **extrapolated** from {:.2} ms/pair over {} pairs |\n\
          | small problem {}x{} (all measured) | {:.2} s | {:.2} s measured, {:.2} s predicted ({:.1}% off) |\n\n\
-         Speed-up on the large problem: **{:.0}x** (two-stream: images {:.1} s, texts {:.1} s, similarity + top-k {:.2} s).\n",
+         Speed-up on the large problem: **{:.0}x** (two-stream: images {:.1} s, texts {:.1} s, similarity + top-k {:.2} s).\n\n\
+         VLDeformer (the cross-encoder's stack decomposed, same size): {:.3} s per image and {:.4} s per text \
+         over a sample of {} images and {} texts, so the large problem takes {:.0} s **extrapolated**, \
+         {:.0}x faster than the single-stream model; the small problem measured in full: {:.2} s.\n",
         a.preset, n, m, started, machine(), command_line,
         n + m, n * m,
         ts_large_s, ce_large_s, per_pair * 1e3, sample,
@@ -455,6 +446,7 @@ fn main() -> Result<()> {
         ts_large["encode_images_s"].as_f64().unwrap_or(f64::NAN),
         ts_large["encode_texts_s"].as_f64().unwrap_or(f64::NAN),
         ts_large["similarity_topk_s"].as_f64().unwrap_or(f64::NAN),
+        dec_img, dec_txt, dn, dm, dec_large_s, ce_large_s / dec_large_s, dec_small_s,
     );
     let mut out = json!({
         "date": started, "machine": machine(), "command": command_line, "preset": a.preset, "batch": a.batch,
@@ -466,9 +458,15 @@ fn main() -> Result<()> {
                 "pair_sample": sample, "encoder_passes": n * m,
             },
             "speedup": ratio,
+            "decomposed_extrapolated": {
+                "seconds": dec_large_s, "per_image_s": dec_img, "per_text_s": dec_txt,
+                "sample_images": dn, "sample_texts": dm,
+                "speedup_vs_single_stream": ce_large_s / dec_large_s,
+            },
         },
         "small": {
             "two_stream_measured_s": ts_small_s,
+            "decomposed_measured_s": dec_small_s,
             "single_stream_measured_s": ce_small_s,
             "single_stream_predicted_s": ce_small_pred,
             "relative_error": small_err,
@@ -478,7 +476,7 @@ fn main() -> Result<()> {
     match (&a.two_stream, &a.cross) {
         (Some(t), Some(c)) => {
             eprintln!("accuracy on the test split ...");
-            let (acc, table) = accuracy(t, c, &a.rerank_k, a.test_images)?;
+            let (acc, table) = accuracy(t, c, a.decomposed.as_ref(), &a.rerank_k, a.test_images)?;
             out["accuracy"] = acc;
             md += "\n## Accuracy, same test split\n\n";
             md += &table;

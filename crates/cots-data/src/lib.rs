@@ -5,6 +5,7 @@
 //!   share its id (the objectives treat them as positives of each other).
 //! - [`synthetic`]: the embedded, seeded dataset the demo trains on.
 //! - [`manifest`]: the JSONL manifest format users already have.
+//! - [`emoji`]: the multi-style emoji benchmark built from npm packages.
 //! - [`image_io`]: decoding (PNG, JPEG, WebP, GIF, SVG) and transforms.
 //! - [`masking`]: MLM and blockwise patch masking, seeded.
 //! - [`loader`]: the bounded, prefetching, resumable batch loader.
@@ -12,6 +13,7 @@
 //!   sampling, MSR-VTT / JSONL video annotations, the synthetic order-sensitive
 //!   clip set.
 
+pub mod emoji;
 pub mod image_io;
 pub mod loader;
 pub mod manifest;
@@ -50,6 +52,8 @@ pub enum Error {
     },
     #[error("the {split:?} split is empty")]
     EmptySplit { split: Split },
+    #[error("invalid data config: {0}")]
+    Config(String),
     #[error("the loader's worker stopped unexpectedly")]
     WorkerGone,
     #[error(transparent)]
@@ -168,6 +172,39 @@ impl Dataset {
             }
         }
         (texts, targets)
+    }
+
+    /// Injects noisy correspondences, for robustness experiments such as the
+    /// adaptive momentum filter's: `round(rate * n)` items chosen by `seed`
+    /// pass their captions around a cycle (each chosen item gets the
+    /// captions of the next), so every chosen image is paired with another
+    /// image's text, as in noisy-correspondence studies (NCR, Huang et al.,
+    /// NeurIPS 2021). Returns the ids of the items whose captions changed.
+    ///
+    /// Errors: `rate` outside `[0, 1]`.
+    pub fn with_noisy_pairs(&mut self, rate: f64, seed: u64) -> Result<Vec<u32>> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(Error::Config(format!(
+                "noisy pair rate {rate} is outside [0, 1]"
+            )));
+        }
+        let k = (rate * self.items.len() as f64).round() as usize;
+        if k < 2 {
+            return Ok(Vec::new());
+        }
+        let mut order: Vec<usize> = (0..self.items.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        let chosen = &order[..k];
+        let first = self.items[chosen[0]].captions.clone();
+        for w in chosen.windows(2) {
+            self.items[w[0]].captions = self.items[w[1]].captions.clone();
+        }
+        self.items[chosen[k - 1]].captions = first;
+        let mut ids: Vec<u32> = chosen.iter().map(|&i| self.items[i].id).collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Checks that no caption is empty, naming the first offender.

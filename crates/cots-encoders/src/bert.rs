@@ -142,14 +142,7 @@ impl Config {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = crate::files::read_json(path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -149,27 +149,25 @@ impl ImageEmbeddings {
     }
 }
 
-/// The single-stream image-text matching model.
+/// The joint stack with its input embeddings: the whole single-stream model
+/// but its matching head. The cross-encoder runs it on a text and an image
+/// together; VLDeformer's decomposed encoders ([`crate::decomposed`]) run the
+/// same module, with the same weights, on one modality at a time.
 #[derive(Clone, Debug)]
-pub struct CrossEncoder {
+pub struct JointTransformer {
     embeddings: BertEmbeddings,
     image_embeddings: ImageEmbeddings,
     encoder: BertEncoder,
-    pooler: Linear,
-    itm_head: Linear,
     cfg: Config,
 }
 
-impl CrossEncoder {
+impl JointTransformer {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let h = cfg.joint.hidden_size;
         Ok(Self {
             embeddings: BertEmbeddings::new(&cfg.joint, vb.pp("embeddings"))?,
             image_embeddings: ImageEmbeddings::new(cfg, vb.pp("image_embeddings"))?,
             encoder: BertEncoder::new(&cfg.joint, vb.pp("encoder"))?,
-            pooler: linear(h, h, vb.pp("pooler").pp("dense"))?,
-            itm_head: linear(h, 2, vb.pp("itm_head"))?,
             cfg: cfg.clone(),
         })
     }
@@ -178,8 +176,7 @@ impl CrossEncoder {
         &self.cfg
     }
 
-    /// The image side's input tokens; computed once per image and reused
-    /// for every text it is paired with.
+    /// The image side's input tokens (token type 1).
     ///
     /// # Shapes
     /// - `pixels`: `[B, C, H, W]`; output `[B, N, D]`.
@@ -188,7 +185,7 @@ impl CrossEncoder {
         let s = self.cfg.image_size;
         if c != self.cfg.num_channels || h != s || w != s {
             return Err(Error::Config(format!(
-                "cross-encoder expects images of shape [B, {}, {s}, {s}], got {:?}",
+                "the joint transformer expects images of shape [B, {}, {s}, {s}], got {:?}",
                 self.cfg.num_channels,
                 pixels.dims()
             )));
@@ -203,6 +200,62 @@ impl CrossEncoder {
     /// - `input_ids`: `[B, L]` u32; output `[B, L, D]`.
     pub fn embed_text(&self, input_ids: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
         self.embeddings.forward(input_ids, None, rng)
+    }
+
+    /// Runs the stack over embedded tokens (any concatenation of
+    /// [`Self::embed_text`] and [`Self::embed_image`] outputs).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, S, D]`; `mask`: `[B, S]` (1 keep, 0 padding); output
+    ///   `[B, S, D]`.
+    pub fn encode(&self, x: &Tensor, mask: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        let bias = attention_bias(&mask.to_dtype(DType::F32)?, x.dtype())?;
+        self.encoder.forward(x, Some(&bias), rng)
+    }
+}
+
+/// The single-stream image-text matching model.
+#[derive(Clone, Debug)]
+pub struct CrossEncoder {
+    transformer: JointTransformer,
+    pooler: Linear,
+    itm_head: Linear,
+}
+
+impl CrossEncoder {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.joint.hidden_size;
+        Ok(Self {
+            transformer: JointTransformer::new(cfg, vb.clone())?,
+            pooler: linear(h, h, vb.pp("pooler").pp("dense"))?,
+            itm_head: linear(h, 2, vb.pp("itm_head"))?,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.transformer.config()
+    }
+
+    /// The joint stack without the matching head.
+    pub fn transformer(&self) -> &JointTransformer {
+        &self.transformer
+    }
+
+    /// The image side's input tokens; computed once per image and reused
+    /// for every text it is paired with.
+    ///
+    /// # Shapes
+    /// - `pixels`: `[B, C, H, W]`; output `[B, N, D]`.
+    pub fn embed_image(&self, pixels: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        self.transformer.embed_image(pixels, rng)
+    }
+
+    /// The text side's input tokens (token type 0).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[B, L]` u32; output `[B, L, D]`.
+    pub fn embed_text(&self, input_ids: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        self.transformer.embed_text(input_ids, rng)
     }
 
     /// Runs the joint transformer on embedded pairs; row `b` pairs text `b`
@@ -234,8 +287,7 @@ impl CrossEncoder {
             ],
             1,
         )?;
-        let bias = attention_bias(&mask, x.dtype())?;
-        let x = self.encoder.forward(&x, Some(&bias), rng)?;
+        let x = self.transformer.encode(&x, &mask, rng)?;
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         Ok(self.itm_head.forward(&pooled)?)

@@ -5,12 +5,18 @@
 //! [`tokenizer`], [`two_stream`] (towers + projections + temperature, with
 //! presets), [`momentum`] (EMA copies), [`dvae`] (the visual tokenizer for
 //! masked vision modeling), [`cross`] (the single-stream cross-encoder
-//! baseline) and [`weights`] (loading checkpoints into trainable variables).
+//! baseline), [`decomposed`] (VLDeformer: the cross-encoder's stack run on
+//! one modality at a time), [`dual`] (the interface both two-encoder models
+//! offer to retrieval) and [`weights`] (loading checkpoints into trainable
+//! variables).
 
 pub mod bert;
 pub mod cross;
+pub mod decomposed;
+pub mod dual;
 pub mod dvae;
 mod error;
+mod files;
 pub mod momentum;
 pub mod temporal;
 pub mod tokenizer;

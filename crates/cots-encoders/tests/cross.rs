@@ -7,7 +7,9 @@ use candle_nn::{VarBuilder, VarMap};
 use cots_encoders::cross::{self, match_score, CrossEncoder};
 use cots_ops::SeededRng;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+mod common;
+
+use common::{assert_all_grads, pad_batch, TestResult};
 
 fn model(dropout: f64) -> Result<(VarMap, CrossEncoder), Box<dyn std::error::Error>> {
     let mut cfg = cross::Config::tiny(40);
@@ -41,22 +43,8 @@ fn every_variable_gets_a_gradient() -> TestResult {
     assert_eq!(logits.dims(), &[2, 2]);
     let labels = Tensor::new(&[1u32, 0], &dev)?;
     let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-    let grads = loss.backward()?;
-    let vars = vm.data().lock().map_err(|_| "poisoned")?;
-    let mut missing = Vec::new();
-    for (name, var) in vars.iter() {
-        match grads.get(var.as_tensor()) {
-            None => missing.push(format!("{name}: no gradient")),
-            Some(g) => {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                if g.iter().any(|v| !v.is_finite()) || g.iter().all(|&v| v == 0.0) {
-                    missing.push(format!("{name}: zero or non-finite gradient"));
-                }
-            }
-        }
-    }
-    assert!(vars.len() > 10);
-    assert!(missing.is_empty(), "{missing:#?}");
+    assert!(vm.all_vars().len() > 10);
+    assert_all_grads(&vm, &loss)?;
     Ok(())
 }
 
@@ -75,18 +63,7 @@ fn padding_and_batching_do_not_change_a_pairs_score() -> TestResult {
         alone.push(match_score(&logits)?.to_vec1::<f32>()?[0]);
     }
     // All three in one batch, padded to 8 tokens.
-    let len = 8;
-    let (mut ids, mut mask) = (Vec::new(), Vec::new());
-    for t in texts {
-        ids.extend(
-            t.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, len - t.len())),
-        );
-        mask.extend((0..len).map(|j| u32::from(j < t.len())));
-    }
-    let ids = Tensor::from_vec(ids, (3, len), &dev)?;
-    let mask = Tensor::from_vec(mask, (3, len), &dev)?;
+    let (ids, mask) = pad_batch(&texts, 8)?;
     let batched = match_score(&m.forward(&ids, &mask, &img, None)?)?;
     let alone = Tensor::new(alone.as_slice(), &dev)?;
     assert!(max_abs_diff(&batched, &alone)? < 1e-4);

@@ -9,38 +9,15 @@ use cots_encoders::two_stream::{self, TwoStream};
 use cots_encoders::{bert, vit};
 use cots_ops::SeededRng;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+mod common;
+
+use common::{assert_all_grads, TestResult};
 
 /// A random linear functional of `x`: generic enough that no parameter's
 /// gradient vanishes by symmetry (a plain sum after LayerNorm would).
 fn probe(x: &Tensor) -> candle_core::Result<Tensor> {
     let r = Tensor::randn(0f32, 1.0, x.shape(), x.device())?;
     (x * r)?.sum_all()
-}
-
-fn assert_all_grads(vm: &VarMap, loss: &Tensor) -> TestResult {
-    let grads = loss.backward()?;
-    let vars = vm.data().lock().map_err(|_| "poisoned")?;
-    assert!(!vars.is_empty());
-    let mut missing = Vec::new();
-    for (name, var) in vars.iter() {
-        match grads.get(var.as_tensor()) {
-            None => missing.push(format!("{name}: no gradient")),
-            Some(g) => {
-                let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                if g.iter().any(|v| !v.is_finite()) {
-                    missing.push(format!("{name}: non-finite gradient"));
-                } else if g.iter().all(|&v| v == 0.0) {
-                    missing.push(format!("{name}: zero gradient"));
-                }
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "variables without a usable gradient: {missing:#?}"
-    );
-    Ok(())
 }
 
 #[test]

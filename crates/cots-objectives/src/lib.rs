@@ -9,7 +9,8 @@
 //! - One file per objective: [`itc`] (instance level, momentum contrastive
 //!   over lockstep queues), [`mvlm`] (token level, MLM + MVM without a fusion
 //!   module), [`kl`] (task level), [`amf`] (adaptive momentum filter), and the
-//!   comparison losses [`clip`], [`vse`], [`itm`].
+//!   comparison losses [`clip`], [`vse`], [`itm`], and [`bimodal`]
+//!   (VLDeformer's decomposition loss, negatives from both modalities).
 //! - [`queue`]: the lockstep image/text/id queues, written once per step.
 //! - [`registry`]: the TOML-friendly [`ObjectivesConfig`] and [`build`].
 //!
@@ -26,6 +27,7 @@
 //! Objectives receive tensors only; they never depend on the encoders.
 
 pub mod amf;
+pub mod bimodal;
 pub mod clip;
 mod compose;
 mod error;

@@ -27,6 +27,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::amf::{AdaptiveMomentumFilter, AmfConfig};
+use crate::bimodal::{Bimodal, BimodalConfig};
 use crate::clip::{Clip, ClipConfig};
 use crate::itc::{Itc, ItcConfig};
 use crate::itm::{Itm, ItmConfig};
@@ -46,6 +47,7 @@ pub enum ObjectiveConfig {
     Clip(ClipConfig),
     Vse(VseConfig),
     Itm(ItmConfig),
+    Bimodal(BimodalConfig),
 }
 
 impl ObjectiveConfig {
@@ -57,6 +59,7 @@ impl ObjectiveConfig {
             Self::Clip(c) => c.weight,
             Self::Vse(c) => c.weight,
             Self::Itm(c) => c.weight,
+            Self::Bimodal(c) => c.weight,
         }
     }
 
@@ -155,6 +158,7 @@ pub fn build(cfg: &ObjectivesConfig, dims: Dims, vb: VarBuilder) -> Result<Objec
             ObjectiveConfig::Clip(c) => Box::new(Clip::new(c)),
             ObjectiveConfig::Vse(c) => Box::new(Vse::new(c)),
             ObjectiveConfig::Itm(c) => Box::new(Itm::new(c)),
+            ObjectiveConfig::Bimodal(c) => Box::new(Bimodal::new(c)?),
         };
         out.push(oc.weight(), obj)?;
     }

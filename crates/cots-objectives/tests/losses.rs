@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
+use cots_objectives::bimodal::BimodalConfig;
 use cots_objectives::clip::{Clip, ClipConfig};
 use cots_objectives::itc::{Itc, ItcConfig};
 use cots_objectives::itm::{Itm, ItmConfig};
@@ -67,6 +68,27 @@ fn fixture(seed: u64) -> Fix {
         qt: mat(&v.text),
         qids: v.ids.to_vec1::<u32>().expect("ids"),
         queue: SharedQueue::new(q),
+    }
+}
+
+/// Step inputs with online embeddings only (no momentum, weights or side inputs).
+fn online_only<'a>(
+    f: &'a Tensor,
+    t: &'a Tensor,
+    ids: &'a Tensor,
+    tau: &'a Tensor,
+) -> StepInputs<'a> {
+    StepInputs {
+        image_embed: f,
+        text_embed: t,
+        image_embed_m: None,
+        text_embed_m: None,
+        image_ids: ids,
+        temperature: tau,
+        pair_weights: None,
+        mlm: None,
+        mvm: None,
+        itm: None,
     }
 }
 
@@ -714,18 +736,7 @@ fn missing_inputs_are_named() {
     let fx = fixture(17);
     let (f, t, ids) = (tensor(&fx.f), tensor(&fx.t), ids_tensor(&fx.ids));
     let tau = Tensor::new(0.07f64, &Device::Cpu).expect("tau");
-    let x = StepInputs {
-        image_embed: &f,
-        text_embed: &t,
-        image_embed_m: None,
-        text_embed_m: None,
-        image_ids: &ids,
-        temperature: &tau,
-        pair_weights: None,
-        mlm: None,
-        mvm: None,
-        itm: None,
-    };
+    let x = online_only(&f, &t, &ids, &tau);
     let err = Itc::new(&ItcConfig::default(), fx.queue.clone())
         .losses(&x)
         .expect_err("no momentum");
@@ -733,4 +744,114 @@ fn missing_inputs_are_named() {
         matches!(&err, Error::MissingInput { objective, input } if objective == "itc" && *input == "image_embed_m"),
         "{err}"
     );
+}
+
+/// Negative weights over `[other modality | own modality]`, written out
+/// directly: for query `i`, the candidates of each modality are the items
+/// with another image id, the `k` most similar of them when `top_k > 0`,
+/// weighted `n exp(beta s) / sum exp(beta s)` over all kept ones.
+fn ref_bimodal_weights(ids: &[u32], q: &Mat, p: &Mat, cfg: &BimodalConfig) -> Mat {
+    let mut out = vec![vec![0.0; 2 * B]; B];
+    for i in 0..B {
+        let mut kept = Vec::new();
+        for (offset, side) in [(0, p), (B, q)] {
+            if offset == B && !cfg.intra_modal {
+                continue;
+            }
+            let mut cands: Vec<(usize, f64)> = (0..B)
+                .filter(|&j| ids[j] != ids[i])
+                .map(|j| (offset + j, dot(&q[i], &side[j])))
+                .collect();
+            cands.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("finite"));
+            if cfg.top_k > 0 {
+                cands.truncate(cfg.top_k);
+            }
+            kept.extend(cands);
+        }
+        let z: f64 = kept.iter().map(|(_, s)| (cfg.beta * s).exp()).sum();
+        for (c, s) in &kept {
+            out[i][*c] = kept.len() as f64 * (cfg.beta * s).exp() / z;
+        }
+        out[i][i] = 1.0;
+    }
+    out
+}
+
+/// `-l(q_i, p_i) + ln sum_c w_ic exp l_ic` over `[p | q]`, with the weights
+/// held fixed (they carry no gradient).
+fn ref_bimodal_rows(q: &Mat, p: &Mat, tau: f64, w: &Mat) -> Vec<f64> {
+    (0..B)
+        .map(|i| {
+            let mut z = 0.0;
+            for j in 0..B {
+                z += w[i][j] * (dot(&q[i], &p[j]) / tau).exp();
+                z += w[i][B + j] * (dot(&q[i], &q[j]) / tau).exp();
+            }
+            z.ln() - dot(&q[i], &p[i]) / tau
+        })
+        .collect()
+}
+
+#[test]
+fn bimodal_matches_the_formula_in_every_mode() {
+    let modes = [
+        BimodalConfig::default(),
+        BimodalConfig {
+            top_k: 1,
+            ..BimodalConfig::default()
+        },
+        BimodalConfig {
+            beta: 3.0,
+            ..BimodalConfig::default()
+        },
+        BimodalConfig {
+            top_k: 2,
+            beta: 1.5,
+            ..BimodalConfig::default()
+        },
+        BimodalConfig {
+            intra_modal: false,
+            ..BimodalConfig::default()
+        },
+    ];
+    for (n, cfg) in modes.iter().enumerate() {
+        let fx = fixture(40 + n as u64);
+        let w = [1.0f32, 0.5, 1.0, 0.0];
+        let w64 = w.map(f64::from);
+        let wi = ref_bimodal_weights(&fx.ids, &fx.f, &fx.t, cfg);
+        let wt = ref_bimodal_weights(&fx.ids, &fx.t, &fx.f, cfg);
+        let mut obj = cots_objectives::bimodal::Bimodal::new(cfg).expect("config");
+        check(&mut obj, &fx, Some(&w), |f, t, tau| {
+            vec![
+                wmean(&ref_bimodal_rows(f, t, tau, &wi), Some(&w64)),
+                wmean(&ref_bimodal_rows(t, f, tau, &wt), Some(&w64)),
+            ]
+        });
+    }
+}
+
+#[test]
+fn bimodal_same_modality_negatives_change_the_loss() {
+    // The point of the objective: with other images as negatives, an image
+    // query close to another image pays for it.
+    let fx = fixture(50);
+    let run = |intra_modal| {
+        let mut obj = cots_objectives::bimodal::Bimodal::new(&BimodalConfig {
+            intra_modal,
+            ..BimodalConfig::default()
+        })
+        .expect("config");
+        let (f, t, ids) = (tensor(&fx.f), tensor(&fx.t), ids_tensor(&fx.ids));
+        let tau = Tensor::new(fx.tau, &Device::Cpu).expect("tau");
+        let x = online_only(&f, &t, &ids, &tau);
+        obj.losses(&x)
+            .expect("losses")
+            .iter()
+            .map(|t| scalar(&t.value))
+            .collect::<Vec<_>>()
+    };
+    let (with, without) = (run(true), run(false));
+    for (a, b) in with.iter().zip(&without) {
+        assert!(a > b, "extra negatives must raise the loss: {a} vs {b}");
+    }
 }

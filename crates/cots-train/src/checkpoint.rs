@@ -68,6 +68,40 @@ pub fn save(
     Ok(json)
 }
 
+/// Creates the output directory `out` of a single-model training command,
+/// refusing one that already holds a model (`marker` exists): a second run
+/// never replaces the first. `what` names the model in the error.
+pub(crate) fn claim_output_dir(out: &Path, marker: &str, what: &str) -> Result<()> {
+    if out.join(marker).exists() {
+        return Err(Error::Config(format!(
+            "{} already holds {what}: choose another output directory or remove it",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(io(out))
+}
+
+/// Writes every variable of `map` to `weights`, then `meta` as JSON to
+/// `record`, each atomically: a crash leaves the previous pair readable (a
+/// crash between the two leaves new weights beside the previous record).
+/// The single-file saves of `train-cross` and `decompose`.
+pub(crate) fn save_model<M: serde::Serialize>(
+    weights: &Path,
+    map: &candle_nn::VarMap,
+    record: &Path,
+    meta: &M,
+) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = crate::model::sorted_vars(map)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let bytes = safetensors_bytes(&tensors)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
+    write_atomic(weights, &bytes)?;
+    let text = serde_json::to_vec_pretty(meta).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    write_atomic(record, &text)
+}
+
 pub(crate) fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> candle_core::Result<Vec<u8>> {
     // candle writes through a path; serialise in memory so the atomic writer
     // owns every byte that reaches the disk.

@@ -62,6 +62,10 @@ pub struct DataSection {
     pub random_crop: Option<(f32, f32)>,
     /// `fail` (default) or `skip` unreadable images (skips are counted and reported).
     pub on_bad_input: cots_data::loader::SkipPolicy,
+    /// Share of TRAINING images whose captions are swapped with another
+    /// image's (noisy correspondences, for robustness experiments such as
+    /// the adaptive momentum filter's); validation and test stay clean.
+    pub noisy_pairs: f64,
 }
 
 impl Default for DataSection {
@@ -76,6 +80,7 @@ impl Default for DataSection {
             image: ImageConfig::default(),
             random_crop: None,
             on_bad_input: cots_data::loader::SkipPolicy::Fail,
+            noisy_pairs: 0.0,
         }
     }
 }
@@ -167,6 +172,12 @@ impl RunConfig {
             return bad(format!(
                 "data.kind = \"{}\" needs data.path",
                 self.data.kind
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.data.noisy_pairs) {
+            return bad(format!(
+                "data.noisy_pairs {} must be in [0, 1]",
+                self.data.noisy_pairs
             ));
         }
         if self.data.batch_size == 0 {

@@ -30,13 +30,13 @@ use cots_eval::{evaluate_scorer, EvalOptions, MatrixScorer, PairScorer, Retrieva
 use cots_objectives::itm::{HardNegativeSampler, Itm, ItmConfig};
 use cots_objectives::{ItmInputs, Objective, StepInputs};
 use cots_ops::SeededRng;
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::inference::Run;
-use crate::metrics::MetricsWriter;
+use crate::config::RunConfig;
+use crate::inference::{load_frozen, Run};
+use crate::metrics::{progress_bar, MetricsWriter};
 use crate::model::{seed_init, sorted_vars};
 use crate::optim::{self, AdamW, OptimConfig};
 use crate::schedule::{lr_at, ScheduleConfig};
@@ -92,6 +92,10 @@ pub struct CrossRun {
     pub step: u64,
     /// The ITM loss of the last training step.
     pub loss: Option<f64>,
+    /// The config of the run it was trained with (its data), when recorded.
+    pub run_cfg: Option<RunConfig>,
+    /// Hash of the weights.
+    pub weights_hash: String,
     pub device: Device,
 }
 
@@ -106,19 +110,19 @@ struct SavedMeta {
     /// The ITM loss of the last step trained.
     #[serde(default)]
     loss: Option<f64>,
+    /// The mining run's config: its data are the cross-encoder's data
+    /// (absent in directories written before it was recorded).
+    #[serde(default)]
+    run: Option<RunConfig>,
 }
 
 fn save(dir: &Path, map: &VarMap, meta: &SavedMeta) -> Result<()> {
-    let tensors: std::collections::HashMap<String, Tensor> = sorted_vars(map)
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
-    let weights = dir.join(CROSS_WEIGHTS_FILE);
-    let bytes = checkpoint::safetensors_bytes(&tensors)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
-    checkpoint::write_atomic(&weights, &bytes)?;
-    let text = serde_json::to_vec_pretty(meta).map_err(|e| Error::Checkpoint(e.to_string()))?;
-    checkpoint::write_atomic(&dir.join(CROSS_CONFIG_FILE), &text)
+    checkpoint::save_model(
+        &dir.join(CROSS_WEIGHTS_FILE),
+        map,
+        &dir.join(CROSS_CONFIG_FILE),
+        meta,
+    )
 }
 
 /// Trains a cross-encoder the size of `miner`'s model on `miner`'s training
@@ -134,18 +138,10 @@ pub fn train_cross(
             "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
         ));
     }
-    if out.join(CROSS_CONFIG_FILE).exists() {
-        return Err(Error::Config(format!(
-            "{} already holds a cross-encoder: choose another output directory or remove it",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    checkpoint::claim_output_dir(out, CROSS_CONFIG_FILE, "a cross-encoder")?;
     let device = &miner.device;
-    let cfg = cross::Config::matching(&miner.model_cfg);
+    let towers = miner.two_stream("train-cross (hard-negative mining)")?;
+    let cfg = cross::Config::matching(towers.config());
     let map = VarMap::new();
     let model = CrossEncoder::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
     seed_init(&map, tc.seed)?;
@@ -162,10 +158,9 @@ pub fn train_cross(
             batch_size: tc.batch_size,
             seed: tc.seed,
             max_text_len: cfg.max_text_len,
-            prefetch: 4,
             image: image.clone(),
-            random_crop: None,
             on_bad_input: miner.cfg.data.on_bad_input,
+            ..LoaderConfig::default()
         },
         LoaderPosition::default(),
     )?;
@@ -177,25 +172,16 @@ pub fn train_cross(
         miner: miner.weights_hash.clone(),
         step: 0,
         loss: None,
+        run: Some(miner.cfg.clone()),
     };
     let metrics_path = out.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics_path);
     let mut metrics = MetricsWriter::open(&metrics_path)?;
     let mut sampler = HardNegativeSampler::new(tc.seed ^ 0x17a3);
     let mut itm = Itm::new(&ItmConfig::default());
-    let temperature = miner.model.temperature()?.detach();
+    let temperature = towers.temperature()?.detach();
 
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(tc.steps)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "train-cross {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("train-cross ", tc.steps, quiet);
     let started = Instant::now();
     for step in 0..tc.steps {
         let b = loader.next_batch()?;
@@ -204,16 +190,8 @@ pub fn train_cross(
         let mask = b.attention_mask.to_device(device)?;
         let image_ids = b.image_ids.to_device(device)?;
         // Mining: the frozen two-stream model's similarities.
-        let f = miner
-            .model
-            .encode_image(&pixels, None, None)?
-            .embed
-            .detach();
-        let t = miner
-            .model
-            .encode_text(&ids, Some(&mask), None)?
-            .embed
-            .detach();
+        let f = towers.encode_image(&pixels, None, None)?.embed.detach();
+        let t = towers.encode_text(&ids, Some(&mask), None)?.embed.detach();
         let sim = f.matmul(&t.t()?)?;
         let owners = b.image_ids.to_vec1::<u32>()?;
         let neg_text = sampler.sample(&sim, &owners, &owners, tc.negative_tau)?;
@@ -281,12 +259,8 @@ pub fn train_cross(
                 out.display()
             )));
         }
-        let mut grads = optim::collect_grads(&loss.backward()?, &sorted_vars(&map));
-        if tc.optim.grad_clip > 0.0 {
-            optim::clip_grad_norm(&mut grads, tc.optim.grad_clip)?;
-        }
         let lr = lr_at(&tc.schedule, tc.optim.lr, step, tc.steps);
-        adam.step(&grads, lr)?;
+        optim::backward_step(&loss, &sorted_vars(&map), &mut adam, tc.optim.grad_clip, lr)?;
         let pairs_s = ((step + 1) as usize * n) as f64 / started.elapsed().as_secs_f64();
         meta.loss = Some(value);
         metrics.write(
@@ -317,16 +291,15 @@ impl CrossRun {
             path: meta_path.clone(),
             message: e.to_string(),
         })?;
-        let map = VarMap::new();
-        let model = CrossEncoder::new(
-            &meta.model,
-            VarBuilder::from_varmap(&map, DType::F32, device),
-        )?;
         let weights = dir.join(CROSS_WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&weights, device)
             .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
-        cots_encoders::weights::load_tensors(&map, &tensors, &weights, "", &[])?;
+        let model = load_frozen(&tensors, &weights, device, |vb| {
+            CrossEncoder::new(&meta.model, vb)
+        })?;
         Ok(Self {
+            run_cfg: meta.run,
+            weights_hash: checkpoint::weights_hash(&tensors)?,
             dir: dir.to_path_buf(),
             cfg: meta.model,
             model,

@@ -1,10 +1,13 @@
 //! How is a trained run used? Opening a run directory, embedding images and
 //! texts in batches, and evaluating retrieval on a dataset split.
 //!
-//! A run directory holds `config.toml` (the resolved run config),
+//! A COTS run directory holds `config.toml` (the resolved run config),
 //! `model.json` (the two-stream config), `tokenizer.json`, `checkpoints/`
 //! and `metrics.jsonl`. The newest complete checkpoint's online weights are
-//! the model.
+//! the model. A decomposed run (`cots decompose`, see [`crate::decompose`])
+//! holds `decomposed.json` and `decomposed.safetensors` instead of
+//! `model.json` and `checkpoints/`; [`Run::open`] serves either through the
+//! same [`DualEncoder`] interface.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cots_data::image_io::{load_pixels, ImageConfig};
 use cots_data::{Dataset, ImageSource};
+use cots_encoders::decomposed::{self, Decomposed};
+use cots_encoders::dual::DualEncoder;
 use cots_encoders::tokenizer::TextTokenizer;
 use cots_encoders::two_stream::{self, TwoStream};
 use cots_eval::{evaluate_embeddings, EvalOptions, RetrievalReport};
@@ -24,13 +29,15 @@ use crate::{checkpoint, Error, Result};
 pub const CONFIG_FILE: &str = "config.toml";
 pub const MODEL_FILE: &str = "model.json";
 pub const CHECKPOINTS: &str = "checkpoints";
+pub const DECOMPOSED_FILE: &str = "decomposed.json";
+pub const DECOMPOSED_WEIGHTS: &str = "decomposed.safetensors";
 
 /// Images per encoder batch at inference.
 const BATCH: usize = 64;
 
 /// L2-normalised image embeddings `[N, E]` of `sources`, in order.
-pub fn embed_images(
-    model: &TwoStream,
+pub fn embed_images<M: DualEncoder + ?Sized>(
+    model: &M,
     sources: &[ImageSource],
     image: &ImageConfig,
     device: &Device,
@@ -47,7 +54,7 @@ pub fn embed_images(
         // weights are variables; an attached output would keep every batch's
         // activations alive through the autograd graph. (A `Run`'s model is
         // frozen and records no graph.)
-        out.push(model.encode_image(&t, None, None)?.embed.detach());
+        out.push(model.embed_images(&t)?.detach());
     }
     if out.is_empty() {
         return Err(Error::Config("no images to embed".into()));
@@ -56,8 +63,8 @@ pub fn embed_images(
 }
 
 /// L2-normalised text embeddings `[M, E]` of `texts`, in order.
-pub fn embed_texts(
-    model: &TwoStream,
+pub fn embed_texts<M: DualEncoder + ?Sized>(
+    model: &M,
     tokenizer: &TextTokenizer,
     texts: &[String],
     max_len: usize,
@@ -67,7 +74,7 @@ pub fn embed_texts(
     for chunk in texts.chunks(BATCH * 4) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let (ids, mask) = tokenizer.encode_batch(&refs, max_len)?.to_tensors(device)?;
-        out.push(model.encode_text(&ids, Some(&mask), None)?.embed.detach());
+        out.push(model.embed_texts(&ids, &mask)?.detach());
     }
     if out.is_empty() {
         return Err(Error::Config("no texts to embed".into()));
@@ -76,8 +83,8 @@ pub fn embed_texts(
 }
 
 /// Retrieval metrics of `model` on every image and caption of `data`.
-pub fn evaluate(
-    model: &TwoStream,
+pub fn evaluate<M: DualEncoder + ?Sized>(
+    model: &M,
     tokenizer: &TextTokenizer,
     data: &Dataset,
     image: &ImageConfig,
@@ -96,13 +103,41 @@ pub fn evaluate(
     )?)
 }
 
+/// The two encoders a run serves.
+pub enum Encoders {
+    /// COTS's ViT and BERT towers.
+    Cots(TwoStream),
+    /// VLDeformer: the single-stream model's stack run on one modality at a time.
+    Decomposed(Decomposed),
+}
+
+impl DualEncoder for Encoders {
+    fn embed_images(&self, pixels: &Tensor) -> cots_encoders::Result<Tensor> {
+        match self {
+            Self::Cots(m) => m.embed_images(pixels),
+            Self::Decomposed(m) => m.embed_images(pixels),
+        }
+    }
+    fn embed_texts(&self, ids: &Tensor, mask: &Tensor) -> cots_encoders::Result<Tensor> {
+        match self {
+            Self::Cots(m) => m.embed_texts(ids, mask),
+            Self::Decomposed(m) => m.embed_texts(ids, mask),
+        }
+    }
+    fn max_text_len(&self) -> usize {
+        match self {
+            Self::Cots(m) => m.max_text_len(),
+            Self::Decomposed(m) => m.max_text_len(),
+        }
+    }
+}
+
 /// A trained run, opened for inference.
 pub struct Run {
     pub dir: PathBuf,
     pub cfg: RunConfig,
-    pub model_cfg: two_stream::Config,
     pub tokenizer: TextTokenizer,
-    pub model: TwoStream,
+    pub model: Encoders,
     pub device: Device,
     /// Hash of the model weights: embeddings of two runs never mix silently.
     pub weights_hash: String,
@@ -110,41 +145,55 @@ pub struct Run {
 }
 
 impl Run {
-    /// Opens `dir`, loading the newest complete checkpoint's online weights.
+    /// Opens `dir`: a COTS run (newest complete checkpoint's online weights)
+    /// or a decomposed one.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = RunConfig::load(&dir.join(CONFIG_FILE))?;
-        let model_cfg = two_stream::Config::load(dir.join(MODEL_FILE))?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
-            Error::Checkpoint(format!(
-                "{} has no complete checkpoint (train it first, or check the path)",
-                dir.display()
-            ))
-        })?;
-        let (tensors, meta) = checkpoint::load(&ckpt)?;
-        let weights = checkpoint::strip(&checkpoint::strip(&tensors, "online"), MODEL_PREFIX);
-        let map = VarMap::new();
-        TwoStream::new(
-            &model_cfg,
-            VarBuilder::from_varmap(&map, DType::F32, device),
-        )?;
-        // Loading through the VarMap names any missing or mis-shaped tensor;
-        // the model itself is rebuilt on plain tensors (no autograd graph).
-        cots_encoders::weights::load_tensors(&map, &weights, &ckpt, "", &[])?;
-        let model = TwoStream::new(
-            &model_cfg,
-            cots_encoders::weights::frozen(&map, DType::F32, device),
-        )?;
+        let (model, weights, step) = if dir.join(DECOMPOSED_FILE).exists() {
+            let model_cfg = decomposed::Config::load(dir.join(DECOMPOSED_FILE))?;
+            let path = dir.join(DECOMPOSED_WEIGHTS);
+            let weights = cots_encoders::weights::read_safetensors(&path)?;
+            let model = load_frozen(&weights, &path, device, |vb| {
+                Decomposed::new(&model_cfg, vb)
+            })?;
+            let step = crate::decompose::saved_step(dir)?;
+            (Encoders::Decomposed(model), weights, step)
+        } else {
+            let model_cfg = two_stream::Config::load(dir.join(MODEL_FILE))?;
+            let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "{} has no complete checkpoint (train it first, or check the path)",
+                    dir.display()
+                ))
+            })?;
+            let (tensors, meta) = checkpoint::load(&ckpt)?;
+            let weights = checkpoint::strip(&checkpoint::strip(&tensors, "online"), MODEL_PREFIX);
+            let model = load_frozen(&weights, &ckpt, device, |vb| TwoStream::new(&model_cfg, vb))?;
+            let step = meta["step"].as_u64().unwrap_or(0);
+            (Encoders::Cots(model), weights, step)
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             weights_hash: checkpoint::weights_hash(&weights)?,
-            step: meta["step"].as_u64().unwrap_or(0),
+            step,
             cfg,
-            model_cfg,
             tokenizer,
             model,
             device: device.clone(),
         })
+    }
+
+    /// The COTS towers, or an error saying this run holds another kind of
+    /// model (`what` names the caller's need).
+    pub fn two_stream(&self, what: &str) -> Result<&TwoStream> {
+        match &self.model {
+            Encoders::Cots(m) => Ok(m),
+            Encoders::Decomposed(_) => Err(Error::Config(format!(
+                "{what} needs a COTS two-stream run; {} holds a decomposed single-stream model",
+                self.dir.display()
+            ))),
+        }
     }
 
     /// The image transform the model was trained with.
@@ -161,7 +210,7 @@ impl Run {
             &self.model,
             &self.tokenizer,
             texts,
-            self.model_cfg.max_text_len,
+            self.model.max_text_len(),
             &self.device,
         )
     }
@@ -172,8 +221,27 @@ impl Run {
             &self.tokenizer,
             data,
             &self.image_config(),
-            self.model_cfg.max_text_len,
+            self.model.max_text_len(),
             &self.device,
         )
     }
+}
+
+/// Builds a model with `build`, loads `weights` into it (every variable must
+/// be found with its shape; errors name `origin`), and rebuilds it on frozen
+/// tensors, so inference records no autograd graph.
+pub(crate) fn load_frozen<M>(
+    weights: &std::collections::HashMap<String, Tensor>,
+    origin: &Path,
+    device: &Device,
+    build: impl Fn(VarBuilder<'static>) -> cots_encoders::Result<M>,
+) -> Result<M> {
+    let map = VarMap::new();
+    build(VarBuilder::from_varmap(&map, DType::F32, device))?;
+    cots_encoders::weights::load_tensors(&map, weights, origin, "", &[])?;
+    Ok(build(cots_encoders::weights::frozen(
+        &map,
+        DType::F32,
+        device,
+    ))?)
 }

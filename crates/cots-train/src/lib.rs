@@ -9,11 +9,17 @@
 //! - [`checkpoint`], [`metrics`]: what is written to disk;
 //! - [`inference`]: loading a trained run to evaluate, embed and search;
 //! - [`cross`]: the single-stream baseline: ITM training with mined hard
-//!   negatives, all-pairs scoring, two-stage re-ranking.
+//!   negatives, all-pairs scoring, two-stage re-ranking;
+//! - [`decompose`]: VLDeformer: the single-stream model taken apart into
+//!   two encoders and trained with bimodal negatives;
+//! - [`compare`]: single-stream, decomposed, COTS and the hybrid on one
+//!   test set: recall, time, speed ratio, recall drop.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod cross;
+pub mod decompose;
 pub mod inference;
 pub mod metrics;
 pub mod model;

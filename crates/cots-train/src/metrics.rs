@@ -10,6 +10,23 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
+/// A progress bar over `steps` steps, prefixed by `label`, with elapsed
+/// time, ETA and a message slot; hidden when `quiet`.
+pub fn progress_bar(label: &str, steps: u64, quiet: bool) -> indicatif::ProgressBar {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(steps)
+    };
+    let template =
+        format!("{label}{{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// Appends JSON records to a `.jsonl` file.
 pub struct MetricsWriter {
     path: PathBuf,

@@ -75,6 +75,24 @@ pub struct AdamW {
 /// Gradients by variable name, as produced by backward or accumulation.
 pub type Grads = HashMap<String, Tensor>;
 
+/// Backward on `loss`, gradient clipping at `grad_clip` (0: off), and one
+/// AdamW update at `lr`: a whole optimizer step for the loops that have no
+/// accumulation (`train-cross`, `decompose`).
+pub fn backward_step(
+    loss: &Tensor,
+    vars: &[(String, Var)],
+    adam: &mut AdamW,
+    grad_clip: f64,
+    lr: f64,
+) -> Result<()> {
+    let mut grads = collect_grads(&loss.backward()?, vars);
+    if grad_clip > 0.0 {
+        clip_grad_norm(&mut grads, grad_clip)?;
+    }
+    adam.step(&grads, lr)?;
+    Ok(())
+}
+
 /// The gradients of `vars` from a backward pass (variables without one are absent).
 pub fn collect_grads(store: &GradStore, vars: &[(String, Var)]) -> Grads {
     vars.iter()

@@ -27,7 +27,6 @@ use cots_encoders::weights::HfBertDir;
 use cots_eval::RetrievalReport;
 use cots_objectives::ObjectiveState;
 use cots_ops::SeededRng;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -205,7 +204,17 @@ impl Trainer {
         system.ema.copy_from_online()?;
 
         let optim = AdamW::new(system.trainable(), &cfg.optim)?;
-        let train = Arc::new(data.split(Split::Train)?);
+        let mut train = data.split(Split::Train)?;
+        if cfg.data.noisy_pairs > 0.0 {
+            let noisy =
+                train.with_noisy_pairs(cfg.data.noisy_pairs, cfg.train.seed ^ 0x004e_015e)?;
+            tracing::info!(
+                "noisy pairs: {} of {} training images carry another image's captions",
+                noisy.len(),
+                train.items.len()
+            );
+        }
+        let train = Arc::new(train);
         let tokenizer = Arc::new(tokenizer);
         let mut start = LoaderPosition::default();
         let mut step = 0;
@@ -455,17 +464,7 @@ impl Trainer {
     pub fn run(&mut self, quiet: bool) -> Result<RunSummary> {
         let total = self.cfg.train.steps;
         let t0 = Instant::now();
-        let bar = if quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(total)
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = crate::metrics::progress_bar("", total, quiet);
         bar.set_position(self.step);
         let mut last = f64::NAN;
         let mut ckpt = PathBuf::new();

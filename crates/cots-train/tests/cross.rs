@@ -1,6 +1,8 @@
 //! The single-stream baseline: training writes a model that reopens with the
 //! same scores, all-pairs evaluation agrees with scoring pairs one by one,
-//! and the two-stage hybrid ranks exactly as a brute-force re-ranking does.
+//! the two-stage hybrid ranks exactly as a brute-force re-ranking does, and
+//! a decomposition (VLDeformer) starts from the cross-encoder's exact weights
+//! and serves as a run.
 
 use candle_core::{Device, Tensor};
 use cots_data::Split;
@@ -159,4 +161,138 @@ fn the_hybrid_matches_a_brute_force_rerank() {
     for (got, kk) in report.t2i.recall.iter().zip([1, 5, 10]) {
         assert!((got.1 - recall(&t2i_ranks, kk)).abs() < 1e-9, "t2i R@{kk}");
     }
+}
+
+#[test]
+fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
+    use candle_nn::VarMap;
+    use cots_encoders::decomposed::Pooling;
+    use cots_train::compare::{compare, Contenders};
+    use cots_train::decompose::{decompose, decomposed_from, DecomposeConfig};
+    use cots_train::inference::Encoders;
+
+    let (ts_dir, ce_dir, dec_dir, out_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let run = two_stream_run(ts_dir.path());
+    let tc = CrossTrainConfig {
+        steps: 2,
+        batch_size: 8,
+        ..CrossTrainConfig::default()
+    };
+    let ce = train_cross(&run, ce_dir.path(), &tc, true).unwrap();
+    let source =
+        candle_core::safetensors::load(ce_dir.path().join("cross.safetensors"), &Device::Cpu)
+            .unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    };
+    let stack = |vars: &std::collections::HashMap<String, Tensor>| {
+        source
+            .keys()
+            .filter(|k| !k.starts_with("pooler.") && !k.starts_with("itm_head."))
+            .map(|k| (k.clone(), bits(&vars[&format!("joint.{k}")])))
+            .collect::<Vec<_>>()
+    };
+    // Before training: the decomposed stack IS the cross-encoder's.
+    let map = VarMap::new();
+    decomposed_from(&ce, 16, Pooling::Mean, 0, &map).unwrap();
+    let start: std::collections::HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    for (k, b) in stack(&start) {
+        assert_eq!(b, bits(&source[&k]), "{k} is not the source's");
+    }
+
+    let dc = DecomposeConfig {
+        steps: 3,
+        batch_size: 8,
+        embed_dim: 16,
+        save_every: 2,
+        ..DecomposeConfig::default()
+    };
+    let data_cfg = ce.run_cfg.clone().expect("train-cross records its data");
+    let dec = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true).unwrap();
+    assert_eq!(dec.step, 3);
+    assert!(matches!(dec.model, Encoders::Decomposed(_)));
+    let trained =
+        cots_encoders::weights::read_safetensors(&dec_dir.path().join("decomposed.safetensors"))
+            .unwrap();
+    assert!(
+        stack(&trained).iter().any(|(k, b)| *b != bits(&source[k])),
+        "training moved no shared weight"
+    );
+    // A second decomposition into the same directory must not replace it.
+    let err = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds a decomposed model"), "{err}");
+
+    // It reopens as a run and serves evaluation and embedding.
+    let reopened = Run::open(dec_dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(reopened.step, 3);
+    assert_eq!(reopened.weights_hash, dec.weights_hash);
+    let data = load_dataset(&reopened.cfg)
+        .unwrap()
+        .split(Split::Test)
+        .unwrap();
+    let (texts, targets) = data.queries();
+    let emb = reopened.embed_texts(&texts).unwrap();
+    assert_eq!(emb.dims(), &[texts.len(), 16]);
+    assert!(!emb.track_op());
+    let again = dec.embed_texts(&texts).unwrap();
+    let diff: f32 = (&emb - &again)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    let report = reopened.evaluate(&data).unwrap();
+    assert_eq!(report.n_texts, targets.len());
+    // It cannot stand in for a COTS run where the towers are needed.
+    let err = train_cross(&reopened, out_dir.path(), &tc, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("decomposed"), "{err}");
+
+    // The side-by-side comparison: single-stream first, then VLDeformer,
+    // COTS and one hybrid row; the reference is 1x itself.
+    let cmp = compare(
+        &Contenders {
+            cross: &ce,
+            decomposed: Some(&reopened),
+            cots: &run,
+            rerank_k: &[2],
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!(cmp.rows.len(), 4);
+    assert_eq!(cmp.rows[0].passes, data.items.len() * texts.len());
+    assert_eq!(cmp.rows[1].report, report);
+    let md = cmp.to_markdown();
+    assert!(md.contains("| 1.0x |") && md.contains("VLDeformer") && md.contains("top-2"));
+    let files = cmp.write(out_dir.path(), "").unwrap();
+    let svg = std::fs::read_to_string(&files[2]).unwrap();
+    assert!(svg.contains("VLDeformer"));
 }

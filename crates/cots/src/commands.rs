@@ -7,10 +7,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use cots_data::{Dataset, ImageSource, Split};
+use cots_encoders::decomposed::Pooling;
 use cots_encoders::dvae;
 use cots_eval::top_k;
+use cots_objectives::bimodal::BimodalConfig;
 use cots_train::config::RunConfig;
 use cots_train::cross::{CrossRun, CrossTrainConfig};
+use cots_train::decompose::DecomposeConfig;
 use cots_train::inference::Run;
 use cots_train::trainer::{load_dataset, Trainer};
 
@@ -134,6 +137,73 @@ pub struct TrainCrossArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DecomposeArgs {
+    /// The single-stream cross-encoder to decompose (a `cots train-cross` directory).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Output run directory (config.toml, decomposed.json, decomposed.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Train on this run's data instead of the data the cross-encoder
+    /// recorded (needed for cross-encoders trained before it was recorded).
+    #[arg(long)]
+    pub data_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Width of the shared embedding space.
+    #[arg(long, default_value_t = 256)]
+    pub embed_dim: usize,
+    /// Pooling of each side's output: mean (the paper's) or cls.
+    #[arg(long, default_value = "mean")]
+    pub pooling: String,
+    /// Keep only the k hardest negatives of each modality per query (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Weight negatives by exp(beta * similarity), mean 1 (0: uniform).
+    #[arg(long, default_value_t = 0.0)]
+    pub beta: f64,
+    /// Drop the same-modality negatives (plain in-batch InfoNCE; the ablation).
+    #[arg(long)]
+    pub no_intra_modal: bool,
+    /// Train on the first N training images only (the paper's small target set; 0: all).
+    #[arg(long, default_value_t = 0)]
+    pub target_items: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The trained COTS run; its data's test split is the common test set.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Single-stream cross-encoder directory; trained from --run (`cots
+    /// train-cross` defaults) if it holds none.
+    #[arg(long)]
+    pub cross: PathBuf,
+    /// Decomposed model directory; decomposed from --cross (`cots decompose`
+    /// defaults) if it holds none.
+    #[arg(long)]
+    pub decomposed: PathBuf,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Use only the first N images of the split (and their captions): the
+    /// cross-encoder scores every pair, so its cost grows with images x captions.
+    #[arg(long)]
+    pub test_images: Option<usize>,
+    /// Candidates per query re-scored by the cross-encoder in the hybrid rows.
+    #[arg(long, value_delimiter = ',', default_value = "16,128")]
+    pub rerank_k: Vec<usize>,
+    /// Where compare.md, compare.json and compare.svg go.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +431,124 @@ pub fn train_cross(ctx: &Ctx, a: TrainCrossArgs) -> Result<()> {
         a.from.display(),
         a.out.display()
     );
+    Ok(())
+}
+
+fn decompose_config(a: &DecomposeArgs) -> Result<DecomposeConfig> {
+    let pooling = match a.pooling.as_str() {
+        "mean" => Pooling::Mean,
+        "cls" => Pooling::Cls,
+        other => bail!("unknown pooling `{other}` (mean or cls)"),
+    };
+    let d = DecomposeConfig::default();
+    Ok(DecomposeConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        embed_dim: a.embed_dim,
+        pooling,
+        loss: BimodalConfig {
+            intra_modal: !a.no_intra_modal,
+            top_k: a.top_k,
+            beta: a.beta,
+            ..BimodalConfig::default()
+        },
+        optim: cots_train::optim::OptimConfig {
+            lr: a.lr,
+            ..d.optim
+        },
+        target_items: a.target_items,
+        seed: a.seed,
+        ..d
+    })
+}
+
+/// The data a decomposition trains on: `--data-from`'s, else the cross-encoder's record.
+fn decompose_data(ce: &CrossRun, data_from: Option<&Path>) -> Result<RunConfig> {
+    match data_from {
+        Some(dir) => Ok(RunConfig::load(
+            &dir.join(cots_train::inference::CONFIG_FILE),
+        )?),
+        None => ce.run_cfg.clone().with_context(|| {
+            format!(
+                "{} does not record its training data (trained by an older version): \
+                 pass --data-from RUN, the two-stream run it was trained from",
+                ce.dir.display()
+            )
+        }),
+    }
+}
+
+pub fn decompose(ctx: &Ctx, a: DecomposeArgs) -> Result<()> {
+    let dc = decompose_config(&a)?;
+    let ce = CrossRun::open(&a.from, &ctx.device)?;
+    let data = decompose_data(&ce, a.data_from.as_deref())?;
+    let run = cots_train::decompose::decompose(&ce, &data, &a.out, &dc, ctx.quiet)?;
+    println!(
+        "decomposed {} into two encoders ({} steps): {} (evaluate it with `cots eval --run {}`)",
+        a.from.display(),
+        run.step,
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
+    let cots = Run::open(&a.run, &ctx.device)?;
+    if !a.cross.join(cots_train::cross::CROSS_CONFIG_FILE).exists() {
+        println!(
+            "{} holds no cross-encoder: training one from {} (`cots train-cross` defaults)",
+            a.cross.display(),
+            a.run.display()
+        );
+        cots_train::cross::train_cross(&cots, &a.cross, &CrossTrainConfig::default(), ctx.quiet)?;
+    }
+    let ce = CrossRun::open(&a.cross, &ctx.device)?;
+    if !a
+        .decomposed
+        .join(cots_train::inference::DECOMPOSED_FILE)
+        .exists()
+    {
+        println!(
+            "{} holds no decomposed model: decomposing {} (`cots decompose` defaults)",
+            a.decomposed.display(),
+            a.cross.display()
+        );
+        cots_train::decompose::decompose(
+            &ce,
+            &cots.cfg,
+            &a.decomposed,
+            &DecomposeConfig::default(),
+            ctx.quiet,
+        )?;
+    }
+    let dec = Run::open(&a.decomposed, &ctx.device)?;
+    let mut data = dataset_for(&cots, None, &a.split)?;
+    if let Some(n) = a.test_images {
+        data.items.truncate(n.max(1));
+    }
+    let contenders = cots_train::compare::Contenders {
+        cross: &ce,
+        decomposed: Some(&dec),
+        cots: &cots,
+        rerank_k: &a.rerank_k,
+    };
+    let cmp = cots_train::compare::compare(&contenders, &data)?;
+    let header = format!(
+        "Command: `cots compare --run {} --cross {} --decomposed {}{}`; {} split.\n\n",
+        a.run.display(),
+        a.cross.display(),
+        a.decomposed.display(),
+        a.test_images
+            .map(|n| format!(" --test-images {n}"))
+            .unwrap_or_default(),
+        a.split
+    );
+    let files = cmp.write(&a.out, &header)?;
+    println!("{header}{}", cmp.to_markdown());
+    for f in files {
+        println!("wrote {}", f.display());
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod emoji;
 
 /// Collaborative two-stream vision-language retrieval (COTS).
 ///
@@ -45,12 +46,25 @@ pub enum Command {
     /// Train the single-stream cross-encoder baseline (UNITER-style, image-text
     /// matching with hard negatives mined by a trained two-stream run).
     TrainCross(commands::TrainCrossArgs),
+    /// Decompose a trained cross-encoder into two fast encoders (VLDeformer):
+    /// its joint transformer runs on each modality alone, trained with
+    /// bimodal-negative contrastive learning. The output is a run that eval,
+    /// embed and search use like a COTS run.
+    Decompose(commands::DecomposeArgs),
+    /// Single-stream, VLDeformer, COTS and the two-stage hybrid side by side on
+    /// one test split: recall, retrieval time, speed ratio, recall drop. Trains
+    /// the cross-encoder and the decomposition first if their directories are
+    /// empty.
+    Compare(commands::CompareArgs),
     /// Evaluate a trained run: R@1/5/10 both ways, RSUM, median and mean rank.
     Eval(commands::EvalArgs),
     /// Embed the images and captions of a dataset split into a safetensors file.
     Embed(commands::EmbedArgs),
     /// Search embeddings written by `cots embed` with a text or an image query.
     Search(commands::SearchArgs),
+    /// Build the multi-style emoji retrieval benchmark from unpacked npm
+    /// packages (`cargo xtask data emoji` downloads them and runs this).
+    BuildEmoji(emoji::BuildEmojiArgs),
 }
 
 fn main() {
@@ -87,8 +101,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => commands::train(&ctx, a),
         Command::TrainTokenizer(a) => commands::train_tokenizer(&ctx, a),
         Command::TrainCross(a) => commands::train_cross(&ctx, a),
+        Command::Decompose(a) => commands::decompose(&ctx, a),
+        Command::Compare(a) => commands::compare(&ctx, a),
         Command::Eval(a) => commands::eval(&ctx, a),
         Command::Embed(a) => commands::embed(&ctx, a),
         Command::Search(a) => commands::search(&ctx, a),
+        Command::BuildEmoji(a) => emoji::build_emoji(ctx.quiet, a),
     }
 }
