@@ -150,7 +150,7 @@ impl Comparison {
         let reference = self.reference();
         let mut md = format!(
             "Test split: {} images x {} captions ({} pairs).\n\n\
-             | model | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | RSUM | mean recall drop vs single-stream | retrieval time | speed vs single-stream | passes |\n\
+             | model | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 | RSUM | recall drop vs single-stream (mean of six; negative = better) | retrieval time | speed vs single-stream | passes |\n\
              |---|---|---|---|---|---|---|---|\n",
             self.images,
             self.texts,
