@@ -746,20 +746,30 @@ fn missing_inputs_are_named() {
     );
 }
 
-/// Negative weights over `[other modality | own modality]`, written out
-/// directly: for query `i`, the candidates of each modality are the items
-/// with another image id, the `k` most similar of them when `top_k > 0`,
-/// weighted `n exp(beta s) / sum exp(beta s)` over all kept ones.
-fn ref_bimodal_weights(ids: &[u32], q: &Mat, p: &Mat, cfg: &BimodalConfig) -> Mat {
-    let mut out = vec![vec![0.0; 2 * B]; B];
+/// Negative weights over `[other modality | own modality]` candidates,
+/// written out directly: the candidates of each modality are the batch then
+/// any queued items (`p_all`, `q_all`, ids `all_ids`); for query `i`, the
+/// negatives are those with another image id, the `k` most similar of each
+/// modality when `top_k > 0`, weighted `n exp(beta s) / sum exp(beta s)`
+/// over all kept ones; the positive is candidate `i` of the other modality.
+fn ref_bimodal_weights(
+    ids: &[u32],
+    q: &Mat,
+    p_all: &Mat,
+    q_all: &Mat,
+    all_ids: &[u32],
+    cfg: &BimodalConfig,
+) -> Mat {
+    let c = all_ids.len();
+    let mut out = vec![vec![0.0; 2 * c]; B];
     for i in 0..B {
         let mut kept = Vec::new();
-        for (offset, side) in [(0, p), (B, q)] {
-            if offset == B && !cfg.intra_modal {
+        for (offset, side) in [(0, p_all), (c, q_all)] {
+            if offset == c && !cfg.intra_modal {
                 continue;
             }
-            let mut cands: Vec<(usize, f64)> = (0..B)
-                .filter(|&j| ids[j] != ids[i])
+            let mut cands: Vec<(usize, f64)> = (0..c)
+                .filter(|&j| all_ids[j] != ids[i])
                 .map(|j| (offset + j, dot(&q[i], &side[j])))
                 .collect();
             cands.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("finite"));
@@ -769,27 +779,33 @@ fn ref_bimodal_weights(ids: &[u32], q: &Mat, p: &Mat, cfg: &BimodalConfig) -> Ma
             kept.extend(cands);
         }
         let z: f64 = kept.iter().map(|(_, s)| (cfg.beta * s).exp()).sum();
-        for (c, s) in &kept {
-            out[i][*c] = kept.len() as f64 * (cfg.beta * s).exp() / z;
+        for (col, s) in &kept {
+            out[i][*col] = kept.len() as f64 * (cfg.beta * s).exp() / z;
         }
         out[i][i] = 1.0;
     }
     out
 }
 
-/// `-l(q_i, p_i) + ln sum_c w_ic exp l_ic` over `[p | q]`, with the weights
-/// held fixed (they carry no gradient).
-fn ref_bimodal_rows(q: &Mat, p: &Mat, tau: f64, w: &Mat) -> Vec<f64> {
+/// `-l(q_i, p_i) + ln sum_c w_ic exp l_ic` over `[p_all | q_all]`, with the
+/// weights held fixed (they carry no gradient).
+fn ref_bimodal_rows(q: &Mat, p_all: &Mat, q_all: &Mat, tau: f64, w: &Mat) -> Vec<f64> {
+    let c = p_all.len();
     (0..B)
         .map(|i| {
             let mut z = 0.0;
-            for j in 0..B {
-                z += w[i][j] * (dot(&q[i], &p[j]) / tau).exp();
-                z += w[i][B + j] * (dot(&q[i], &q[j]) / tau).exp();
+            for j in 0..c {
+                z += w[i][j] * (dot(&q[i], &p_all[j]) / tau).exp();
+                z += w[i][c + j] * (dot(&q[i], &q_all[j]) / tau).exp();
             }
-            z.ln() - dot(&q[i], &p[i]) / tau
+            z.ln() - dot(&q[i], &p_all[i]) / tau
         })
         .collect()
+}
+
+/// Rows of `a` then rows of `b`.
+fn stack(a: &Mat, b: &Mat) -> Mat {
+    a.iter().chain(b).cloned().collect()
 }
 
 #[test]
@@ -818,13 +834,14 @@ fn bimodal_matches_the_formula_in_every_mode() {
         let fx = fixture(40 + n as u64);
         let w = [1.0f32, 0.5, 1.0, 0.0];
         let w64 = w.map(f64::from);
-        let wi = ref_bimodal_weights(&fx.ids, &fx.f, &fx.t, cfg);
-        let wt = ref_bimodal_weights(&fx.ids, &fx.t, &fx.f, cfg);
+        let (f0, t0) = (&fx.f, &fx.t);
+        let wi = ref_bimodal_weights(&fx.ids, f0, t0, f0, &fx.ids, cfg);
+        let wt = ref_bimodal_weights(&fx.ids, t0, f0, t0, &fx.ids, cfg);
         let mut obj = cots_objectives::bimodal::Bimodal::new(cfg).expect("config");
         check(&mut obj, &fx, Some(&w), |f, t, tau| {
             vec![
-                wmean(&ref_bimodal_rows(f, t, tau, &wi), Some(&w64)),
-                wmean(&ref_bimodal_rows(t, f, tau, &wt), Some(&w64)),
+                wmean(&ref_bimodal_rows(f, t, f, tau, &wi), Some(&w64)),
+                wmean(&ref_bimodal_rows(t, f, t, tau, &wt), Some(&w64)),
             ]
         });
     }
@@ -853,5 +870,90 @@ fn bimodal_same_modality_negatives_change_the_loss() {
     let (with, without) = (run(true), run(false));
     for (a, b) in with.iter().zip(&without) {
         assert!(a > b, "extra negatives must raise the loss: {a} vs {b}");
+    }
+}
+
+#[test]
+fn bimodal_queue_adds_past_batches_as_negatives_and_resumes_exactly() {
+    use cots_objectives::bimodal::Bimodal;
+    let fx = fixture(60);
+    let mut r = rng(61);
+    // Three past batches; a queue of 8 keeps the last two. Their ids
+    // overlap the current batch's (0, 1, 1, 2), so some queued items are
+    // neither positive nor negative.
+    let past: Vec<(Mat, Mat, Vec<u32>)> = [[9u32, 1, 7, 8], [0, 5, 6, 7], [2, 3, 4, 9]]
+        .into_iter()
+        .map(|ids| {
+            (
+                unit_rows(&mut r, B, E),
+                unit_rows(&mut r, B, E),
+                ids.to_vec(),
+            )
+        })
+        .collect();
+    for cfg in [
+        BimodalConfig {
+            queue_size: 8,
+            ..BimodalConfig::default()
+        },
+        BimodalConfig {
+            queue_size: 8,
+            top_k: 3,
+            beta: 2.0,
+            ..BimodalConfig::default()
+        },
+    ] {
+        let mut obj = Bimodal::new(&cfg).expect("config");
+        for (pf, pt, ids) in &past {
+            let (f, t, ids) = (tensor(pf), tensor(pt), ids_tensor(ids));
+            let tau = Tensor::new(0.07f64, &Device::Cpu).expect("tau");
+            obj.after_step(&online_only(&f, &t, &ids, &tau))
+                .expect("enqueue");
+        }
+        let st = obj.state().expect("state");
+        assert_eq!(st.tensors.len(), 6, "two batches of three tensors");
+        let qf = stack(&past[1].0, &past[2].0);
+        let qt = stack(&past[1].1, &past[2].1);
+        let all_ids: Vec<u32> = fx
+            .ids
+            .iter()
+            .chain(&past[1].2)
+            .chain(&past[2].2)
+            .copied()
+            .collect();
+        let (f0, t0) = (&fx.f, &fx.t);
+        let wi = ref_bimodal_weights(
+            &fx.ids,
+            f0,
+            &stack(t0, &qt),
+            &stack(f0, &qf),
+            &all_ids,
+            &cfg,
+        );
+        let wt = ref_bimodal_weights(
+            &fx.ids,
+            t0,
+            &stack(f0, &qf),
+            &stack(t0, &qt),
+            &all_ids,
+            &cfg,
+        );
+        let reference = |f: &Mat, t: &Mat, tau: f64| {
+            vec![
+                wmean(
+                    &ref_bimodal_rows(f, &stack(t, &qt), &stack(f, &qf), tau, &wi),
+                    None,
+                ),
+                wmean(
+                    &ref_bimodal_rows(t, &stack(f, &qf), &stack(t, &qt), tau, &wt),
+                    None,
+                ),
+            ]
+        };
+        check(&mut obj, &fx, None, reference);
+        // A fresh objective restored from the state computes the same loss.
+        let mut back = Bimodal::new(&cfg).expect("config");
+        back.load_state(&st).expect("load");
+        check(&mut back, &fx, None, reference);
     }
 }

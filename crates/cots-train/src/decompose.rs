@@ -252,6 +252,7 @@ pub fn decompose(
         }
         let lr = lr_at(&dc.schedule, dc.optim.lr, step, dc.steps);
         optim::backward_step(&loss, &sorted_vars(&map), &mut adam, dc.optim.grad_clip, lr)?;
+        objective.after_step(&inputs)?;
         let pairs_s =
             ((step + 1) as usize * dc.batch_size) as f64 / started.elapsed().as_secs_f64();
         record["lr"] = json!(lr);

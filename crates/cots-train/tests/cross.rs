@@ -222,6 +222,11 @@ fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
         batch_size: 8,
         embed_dim: 16,
         save_every: 2,
+        // Past batches as extra negatives: exercises the queue in the loop.
+        loss: cots_objectives::bimodal::BimodalConfig {
+            queue_size: 16,
+            ..Default::default()
+        },
         ..DecomposeConfig::default()
     };
     let data_cfg = ce.run_cfg.clone().expect("train-cross records its data");

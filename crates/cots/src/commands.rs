@@ -172,6 +172,10 @@ pub struct DecomposeArgs {
     /// Drop the same-modality negatives (plain in-batch InfoNCE; the ablation).
     #[arg(long)]
     pub no_intra_modal: bool,
+    /// Keep the embeddings of this many past pairs as extra negatives of
+    /// both modalities (0: in-batch only).
+    #[arg(long, default_value_t = 0)]
+    pub queue: usize,
     /// Train on the first N training images only (the paper's small target set; 0: all).
     #[arg(long, default_value_t = 0)]
     pub target_items: usize,
@@ -450,6 +454,7 @@ fn decompose_config(a: &DecomposeArgs) -> Result<DecomposeConfig> {
             intra_modal: !a.no_intra_modal,
             top_k: a.top_k,
             beta: a.beta,
+            queue_size: a.queue,
             ..BimodalConfig::default()
         },
         optim: cots_train::optim::OptimConfig {
