@@ -435,7 +435,7 @@ fn main() -> Result<()> {
          | large problem | {:.1} s measured | {:.0} s **extrapolated** from {:.2} ms/pair over {} pairs |\n\
          | small problem {}x{} (all measured) | {:.2} s | {:.2} s measured, {:.2} s predicted ({:.1}% off) |\n\n\
          Speed-up on the large problem: **{:.0}x** (two-stream: images {:.1} s, texts {:.1} s, similarity + top-k {:.2} s).\n\n\
-         VLDeformer (the cross-encoder's stack decomposed, same size): {:.3} s per image and {:.4} s per text \
+         VLDeformer (the cross-encoder's stack decomposed, same size): {:.2} ms per image and {:.2} ms per text \
          over a sample of {} images and {} texts, so the large problem takes {:.0} s **extrapolated**, \
          {:.0}x faster than the single-stream model; the small problem measured in full: {:.2} s.\n",
         a.preset, n, m, started, machine(), command_line,
@@ -446,7 +446,7 @@ fn main() -> Result<()> {
         ts_large["encode_images_s"].as_f64().unwrap_or(f64::NAN),
         ts_large["encode_texts_s"].as_f64().unwrap_or(f64::NAN),
         ts_large["similarity_topk_s"].as_f64().unwrap_or(f64::NAN),
-        dec_img, dec_txt, dn, dm, dec_large_s, ce_large_s / dec_large_s, dec_small_s,
+        dec_img * 1e3, dec_txt * 1e3, dn, dm, dec_large_s, ce_large_s / dec_large_s, dec_small_s,
     );
     let mut out = json!({
         "date": started, "machine": machine(), "command": command_line, "preset": a.preset, "batch": a.batch,
