@@ -28,7 +28,7 @@ use cots_encoders::cross::{self, match_score, CrossEncoder};
 use cots_encoders::tokenizer::TextTokenizer;
 use cots_eval::{evaluate_scorer, EvalOptions, MatrixScorer, PairScorer, RetrievalReport};
 use cots_objectives::itm::{HardNegativeSampler, Itm, ItmConfig};
-use cots_objectives::{ItmInputs, Objective, StepInputs};
+use cots_objectives::{ItmInputs, Objectives, StepInputs};
 use cots_ops::SeededRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -178,7 +178,8 @@ pub fn train_cross(
     let _ = std::fs::remove_file(&metrics_path);
     let mut metrics = MetricsWriter::open(&metrics_path)?;
     let mut sampler = HardNegativeSampler::new(tc.seed ^ 0x17a3);
-    let mut itm = Itm::new(&ItmConfig::default());
+    let mut itm = Objectives::new(None, None);
+    itm.push(1.0, Box::new(Itm::new(&ItmConfig::default())))?;
     let temperature = towers.temperature()?.detach();
 
     let bar = progress_bar("train-cross ", tc.steps, quiet);
@@ -246,12 +247,7 @@ pub fn train_cross(
                 labels: &labels,
             }),
         };
-        let loss = itm
-            .losses(&inputs)?
-            .into_iter()
-            .map(|term| term.value)
-            .reduce(|a, b| (a + b).expect("scalar losses add"))
-            .ok_or_else(|| Error::Config("the ITM objective returned no loss".into()))?;
+        let loss = itm.losses(&inputs)?.total;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(

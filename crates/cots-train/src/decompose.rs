@@ -19,12 +19,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use cots_data::{Loader, LoaderConfig, LoaderPosition, Split};
 use cots_encoders::decomposed::{self, Decomposed, Pooling};
 use cots_objectives::bimodal::{Bimodal, BimodalConfig};
-use cots_objectives::{Objective, StepInputs};
+use cots_objectives::{Objectives, StepInputs};
 use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -170,7 +170,8 @@ pub fn decompose(
     let map = VarMap::new();
     let model = decomposed_from(source, dc.embed_dim, dc.pooling, dc.seed, &map)?;
     let mut adam = AdamW::new(sorted_vars(&map), &dc.optim)?;
-    let mut objective = Bimodal::new(&dc.loss)?;
+    let mut objective = Objectives::new(None, None);
+    objective.push(1.0, Box::new(Bimodal::new(&dc.loss)?))?;
 
     let mut run_cfg = data.clone();
     run_cfg.data.image = source.image.clone();
@@ -230,19 +231,13 @@ pub fn decompose(
             mvm: None,
             itm: None,
         };
-        let terms = objective.losses(&inputs)?;
+        let losses = objective.losses(&inputs)?;
         let mut record = json!({"step": step + 1});
-        let mut total: Option<Tensor> = None;
-        for term in terms {
+        for term in &losses.terms {
             let v = term.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             record[format!("loss/{}", term.name)] = json!(v);
-            total = Some(match total {
-                None => term.value,
-                Some(t) => (t + term.value)?,
-            });
         }
-        let loss =
-            total.ok_or_else(|| Error::Config("the bimodal objective returned no loss".into()))?;
+        let loss = losses.total;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
