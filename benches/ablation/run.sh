@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# The objective ablation on the embedded synthetic data: same model, data,
-# steps and seed for every row; only the objectives differ. Writes
-# runs/ablation/<row>/eval.md and a summary table to stdout.
+# The objective ablation: same model, data, steps and seed for every row;
+# only the objectives differ. Writes <out>/<row>/eval.md and a summary table
+# to stdout.
 #   bash benches/ablation/run.sh [steps] [tokenizer_steps]
-# ROWS="itc_kl mvlm" bash benches/ablation/run.sh runs only the rows named.
+# Environment:
+#   ROWS="itc_kl mvlm"   runs only the rows named
+#   CONFIG=FILE          base run config (default configs/demo.toml, the
+#                        embedded synthetic data); its [objectives] are replaced
+#   OUT=DIR              where rows go (default runs/ablation)
+#   EVAL_DATA=FILE       evaluate on this data config's test split instead of
+#                        the run's own (e.g. data/emoji/eval-google.toml)
+#   COTS=BIN             the cots binary (default: build target/release/cots)
+# The emoji rows: CONFIG=configs/emoji.toml OUT=runs/ablation-emoji \
+#   EVAL_DATA=data/emoji/eval-google.toml bash benches/ablation/run.sh 400
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-300}
 tokenizer_steps=${2:-300}
-cargo build --release -q -p cots
-cots=target/release/cots
-out=runs/ablation
+config=${CONFIG:-configs/demo.toml}
+out=${OUT:-runs/ablation}
+if [ -z "${COTS:-}" ]; then
+  cargo build --release -q -p cots
+  cots=target/release/cots
+else
+  cots=$COTS
+fi
 mkdir -p "$out"
-# The visual tokenizer for masked vision modeling, matched to the demo ViT (64 px, patch 8).
-[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --preset small --steps "$tokenizer_steps" --out "$out/dvae"
-base=$(sed '/^\[objectives/,$d' configs/demo.toml)
+# The visual tokenizer for masked vision modeling, trained on the base
+# config's images and matched to its ViT (the small preset: 64 px, patch 8).
+[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --config "$config" --preset small --steps "$tokenizer_steps" --out "$out/dvae"
+base=$(sed '/^\[objectives/,$d' "$config")
+eval_data=()
+[ -n "${EVAL_DATA:-}" ] && eval_data=(--data-config "$EVAL_DATA")
 row() { # name, objectives TOML
   local name=$1 cfg="$out/$1.toml"
   if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then return 0; fi
@@ -24,7 +41,7 @@ row() { # name, objectives TOML
   if [[ "$name" == *_noisy ]]; then sed -i "s#^\[data\]\$#[data]\nnoisy_pairs = 0.2#" "$cfg"; fi
   rm -rf "$out/$name"
   $cots -q train --config "$cfg"
-  $cots -q eval --run "$out/$name" --markdown "$out/$name/eval.md" --json "$out/$name/eval.json" > /dev/null
+  $cots -q eval --run "$out/$name" "${eval_data[@]}" --markdown "$out/$name/eval.md" --json "$out/$name/eval.json" > /dev/null
   echo "== $name"; cat "$out/$name/eval.md"
 }
 queue='[objectives.queue]

@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod data;
+mod fuzz;
 mod speedup;
 mod util;
 
@@ -22,6 +23,9 @@ Commands:
                      args go to the speedup binary (try `cargo xtask speedup --help`)
   data emoji [args]  download, verify and build the multi-style emoji retrieval benchmark
                      into data/emoji (try `cargo xtask data emoji --help`)
+  fuzz [--seconds N] [TARGET...]
+                     runs the dataset parsers' fuzz targets for N seconds each (nightly,
+                     cargo-fuzz; see docs/fuzzing.md and `cargo xtask fuzz --help`)
 ";
 
 fn main() {
@@ -42,6 +46,7 @@ fn run() -> Result<()> {
         "bench" => bench::run(rest),
         "speedup" => speedup::run(rest),
         "data" => data::run(rest),
+        "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

@@ -14,6 +14,8 @@
 //!   clip set.
 
 pub mod emoji;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image_io;
 pub mod loader;
 pub mod manifest;

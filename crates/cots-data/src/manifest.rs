@@ -106,7 +106,12 @@ pub fn load_karpathy(path: &Path, root: &Path) -> Result<Dataset> {
         path: path.to_path_buf(),
         source,
     })?;
-    let file: KarpathyFile = serde_json::from_str(&text).map_err(|e| Error::Manifest {
+    parse_karpathy(&text, path, root)
+}
+
+/// Parses Karpathy split JSON text; `path` names it in errors.
+pub fn parse_karpathy(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
+    let file: KarpathyFile = serde_json::from_str(text).map_err(|e| Error::Manifest {
         path: path.to_path_buf(),
         line: e.line(),
         message: e.to_string(),
@@ -197,5 +202,34 @@ mod tests {
             ImageSource::Path("/coco/val2014/x.jpg".into())
         );
         assert_eq!(d.items[1].split, Split::Test);
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert_eq!(parse_karpathy(&text, &f, Path::new("/coco")).unwrap(), d);
+    }
+
+    #[test]
+    fn karpathy_errors_name_the_file() {
+        let p = Path::new("dataset_flickr30k.json");
+        for (bad, want) in [
+            (
+                "{\"images\": [\n{\"filename\": 3}]}",
+                "dataset_flickr30k.json:2:",
+            ),
+            (
+                r#"{"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}"#,
+                "images[0] (a.jpg): unknown split `dev`",
+            ),
+            (
+                r#"{"images": [{"filename": "a.jpg", "split": "val", "sentences": [{"raw": " "}]}]}"#,
+                "sentence 0 is empty",
+            ),
+        ] {
+            let e = parse_karpathy(bad, p, Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.contains("dataset_flickr30k.json"),
+                "{e}"
+            );
+        }
     }
 }

@@ -521,6 +521,30 @@ impl BertModel {
     }
 }
 
+/// How a sequence of token states becomes one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the non-padding positions ([`mean_pool`]; what
+    /// sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
+    /// trained with, and VLDeformer's choice).
+    #[default]
+    Mean,
+    /// The `[CLS]` position's state (BERT's and COTS's choice).
+    Cls,
+}
+
+impl Pooling {
+    /// Pools `[B, L, D]` states over the positions where `attention_mask`
+    /// (`[B, L]`, 1 keep, 0 pad) is 1; output `[B, D]`.
+    pub fn pool(self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Pooling::Cls => Ok(hidden.get_on_dim(1, 0)?),
+            Pooling::Mean => mean_pool(hidden, attention_mask),
+        }
+    }
+}
+
 /// Mean of the token states over kept positions (sentence-transformers'
 /// mean pooling).
 ///

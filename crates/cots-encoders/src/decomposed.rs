@@ -25,7 +25,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
@@ -36,16 +36,7 @@ use crate::dual::DualEncoder;
 use crate::two_stream::{l2_normalize, TEMP_MAX, TEMP_MIN};
 use crate::{Error, Result};
 
-/// How the stack's output becomes one vector.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pooling {
-    /// Mean over the non-padding positions (VLDeformer's choice).
-    #[default]
-    Mean,
-    /// The `[CLS]` position's state.
-    Cls,
-}
+pub use crate::bert::Pooling;
 
 /// The decomposed model's hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,15 +143,7 @@ impl Decomposed {
 
     /// Pools `[B, S, D]` states over the positions where `mask` is 1.
     fn pool(&self, h: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        match self.cfg.pooling {
-            Pooling::Cls => Ok(h.narrow(1, 0, 1)?.squeeze(1)?),
-            Pooling::Mean => {
-                let m = mask.to_dtype(h.dtype())?.unsqueeze(D::Minus1)?;
-                let sum = h.broadcast_mul(&m)?.sum(1)?;
-                let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
-                Ok(sum.broadcast_div(&count)?)
-            }
-        }
+        self.cfg.pooling.pool(h, mask)
     }
 
     /// Embeds texts alone; `rng = Some(..)` means training (dropout active).

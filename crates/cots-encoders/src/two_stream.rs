@@ -15,7 +15,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
 
-use crate::bert::{self, linear, BertModel};
+use crate::bert::{self, linear, BertModel, Pooling};
 use crate::vit::{self, VisionTransformer};
 use crate::{Error, Result};
 
@@ -28,6 +28,9 @@ fn default_temp() -> f64 {
 }
 fn default_text_len() -> usize {
     32
+}
+fn cls() -> Pooling {
+    Pooling::Cls
 }
 
 /// Both towers' hyper-parameters and the shared embedding.
@@ -43,6 +46,11 @@ pub struct Config {
     /// Longest tokenised text, `[CLS]` and `[SEP]` included.
     #[serde(default = "default_text_len")]
     pub max_text_len: usize,
+    /// How the text tower's states become the vector that is projected:
+    /// `cls` (COTS, the default) or `mean` (what sentence-transformers
+    /// checkpoints such as all-MiniLM-L6-v2 were trained for).
+    #[serde(default = "cls")]
+    pub text_pooling: Pooling,
 }
 
 impl Config {
@@ -54,6 +62,7 @@ impl Config {
             embed_dim: 32,
             temp_init: default_temp(),
             max_text_len: 32,
+            text_pooling: Pooling::Cls,
         }
     }
 
@@ -65,6 +74,7 @@ impl Config {
             embed_dim: 128,
             temp_init: default_temp(),
             max_text_len: 40,
+            text_pooling: Pooling::Cls,
         }
     }
 
@@ -76,6 +86,7 @@ impl Config {
             embed_dim: 256,
             temp_init: default_temp(),
             max_text_len: 40,
+            text_pooling: Pooling::Cls,
         }
     }
 
@@ -236,8 +247,21 @@ impl TwoStream {
         rng: Option<&SeededRng>,
     ) -> Result<TextOutput> {
         let hidden = self.text.forward(ids, None, attention_mask, rng)?;
-        let embed = self.project_text(&hidden.get_on_dim(1, 0)?)?;
+        let embed = self.project_text(&self.pool_text(&hidden, attention_mask)?)?;
         Ok(TextOutput { hidden, embed })
+    }
+
+    /// The text vector to project: the `[CLS]` state or the masked mean of
+    /// the states (`Config::text_pooling`); no mask means no padding.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[B, L, Dt]`; `attention_mask`: `[B, L]`; output `[B, Dt]`.
+    pub fn pool_text(&self, hidden: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        match (self.cfg.text_pooling, attention_mask) {
+            (Pooling::Mean, None) => Ok(hidden.mean(1)?),
+            (pooling, Some(m)) => pooling.pool(hidden, m),
+            (Pooling::Cls, None) => Ok(hidden.get_on_dim(1, 0)?),
+        }
     }
 
     /// Projects image CLS states into the shared space and L2-normalises.

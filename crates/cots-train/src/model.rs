@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cots_encoders::dvae::{self, Dvae};
 use cots_encoders::momentum::Momentum;
-use cots_encoders::two_stream::{self, TwoStream};
+use cots_encoders::two_stream::{self, TextOutput, TwoStream};
 use cots_objectives::{
     amf::AmfStats, Dims, Losses, MlmInputs, MvmInputs, Objectives, ObjectivesConfig, StepInputs,
 };
@@ -68,6 +68,9 @@ pub struct System {
     pub objectives: Objectives,
     pub dvae: Option<Dvae>,
     pub device: Device,
+    /// The text tower is locked (`model.lock_text`): not trained, run
+    /// without dropout, its output detached.
+    pub lock_text: bool,
 }
 
 impl System {
@@ -130,6 +133,7 @@ impl System {
             objectives,
             dvae,
             device: device.clone(),
+            lock_text: false,
         })
     }
 
@@ -138,9 +142,19 @@ impl System {
     pub fn forward(&mut self, b: &StepBatch, rng: Option<&SeededRng>) -> Result<StepOutput> {
         let needs = self.objectives.needs();
         let img = self.model.encode_image(&b.pixels, None, rng)?;
-        let txt = self
-            .model
-            .encode_text(&b.input_ids, Some(&b.attention_mask), rng)?;
+        let txt = if self.lock_text {
+            let hidden = self
+                .model
+                .text()
+                .forward(&b.input_ids, None, Some(&b.attention_mask), None)?
+                .detach();
+            let pooled = self.model.pool_text(&hidden, Some(&b.attention_mask))?;
+            let embed = self.model.project_text(&pooled)?;
+            TextOutput { hidden, embed }
+        } else {
+            self.model
+                .encode_text(&b.input_ids, Some(&b.attention_mask), rng)?
+        };
         let temperature = self.model.temperature()?;
 
         let (image_embed_m, text_embed_m) = if needs.momentum {
@@ -150,11 +164,20 @@ impl System {
                 .encode_image(&b.pixels, None, None)?
                 .embed
                 .detach();
-            let t = self
-                .model_m
-                .encode_text(&b.input_ids, Some(&b.attention_mask), None)?
-                .embed
-                .detach();
+            // A locked tower is its own momentum copy (the EMA of constant
+            // weights), so only the momentum projection differs.
+            let t = if self.lock_text {
+                self.model_m.project_text(
+                    &self
+                        .model_m
+                        .pool_text(&txt.hidden, Some(&b.attention_mask))?,
+                )?
+            } else {
+                self.model_m
+                    .encode_text(&b.input_ids, Some(&b.attention_mask), None)?
+                    .embed
+            }
+            .detach();
             (Some(f), Some(t))
         } else {
             (None, None)
@@ -245,9 +268,14 @@ impl System {
         Ok(())
     }
 
-    /// Trainable variables (towers and objective heads), sorted by name.
+    /// Trainable variables (towers and objective heads, less a locked text
+    /// tower), sorted by name.
     pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        let locked = format!("{MODEL_PREFIX}.text.");
         sorted_vars(&self.online)
+            .into_iter()
+            .filter(|(name, _)| !(self.lock_text && name.starts_with(&locked)))
+            .collect()
     }
 }
 

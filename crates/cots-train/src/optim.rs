@@ -4,9 +4,12 @@
 //! candle's own AdamW keeps its moments private (a resumed run could not
 //! continue exactly) and has no parameter groups, hence this one. The update
 //! is PyTorch's `torch.optim.AdamW`: decoupled weight decay
-//! `p -= lr * wd * p`, then the bias-corrected Adam step.
+//! `p -= lr * wd * p`, then the bias-corrected Adam step. Variables can
+//! carry a learning-rate multiplier by name prefix (`lr_scales`), PyTorch's
+//! parameter groups for the common case of a pretrained tower that should
+//! move slowly or not at all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,12 @@ pub struct OptimConfig {
     pub grad_clip: f64,
     /// Micro-batches whose gradients are averaged before one update.
     pub accumulation: usize,
+    /// Learning-rate multipliers by variable-name prefix; the longest
+    /// matching prefix wins and unmatched variables use 1. A multiplier of 0
+    /// freezes the variables: they get no update and their gradients do not
+    /// count towards the clipping norm. Example, a pretrained text tower
+    /// that moves ten times slower: `lr_scales = { "model.text." = 0.1 }`.
+    pub lr_scales: BTreeMap<String, f64>,
 }
 
 impl Default for OptimConfig {
@@ -39,7 +48,24 @@ impl Default for OptimConfig {
             eps: 1e-8,
             grad_clip: 5.0,
             accumulation: 1,
+            lr_scales: BTreeMap::new(),
         }
+    }
+}
+
+impl OptimConfig {
+    /// The learning-rate multiplier of variable `name` (see `lr_scales`).
+    pub fn lr_scale(&self, name: &str) -> f64 {
+        self.lr_scales
+            .iter()
+            .filter(|(prefix, _)| name.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(1.0, |(_, &s)| s)
+    }
+
+    /// Whether variable `name` is trained at all (its multiplier is not 0).
+    pub fn trains(&self, name: &str) -> bool {
+        self.lr_scale(name) != 0.0
     }
 }
 
@@ -61,11 +87,12 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
 
-/// AdamW over named variables.
+/// AdamW over named variables (frozen ones, multiplier 0, are left out).
 pub struct AdamW {
     cfg: OptimConfig,
     slots: Vec<Slot>,
@@ -164,9 +191,11 @@ impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, cfg: &OptimConfig) -> Result<Self> {
         let slots = vars
             .into_iter()
+            .filter(|(name, _)| cfg.trains(name))
             .map(|(name, var)| {
                 Ok(Slot {
                     decay: !no_decay(&name),
+                    lr_scale: cfg.lr_scale(&name),
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     name,
@@ -209,6 +238,7 @@ impl AdamW {
             };
             let g = g.detach();
             let p = s.var.as_tensor().detach();
+            let lr = lr * s.lr_scale;
             let p = if s.decay && self.cfg.weight_decay > 0.0 {
                 (&p * (1.0 - lr * self.cfg.weight_decay))?
             } else {
@@ -339,6 +369,52 @@ mod tests {
         w.set(&Tensor::from_vec(before, 6, &dev).unwrap()).unwrap();
         again.step(&g, 0.01).unwrap();
         assert_eq!(w.to_vec1::<f64>().unwrap(), after_a);
+    }
+
+    #[test]
+    fn lr_scales_pick_the_longest_prefix_and_zero_freezes() {
+        let dev = Device::Cpu;
+        let cfg = OptimConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            lr_scales: [("m.".to_string(), 0.5), ("m.text.".to_string(), 0.0)].into(),
+            ..OptimConfig::default()
+        };
+        assert_eq!(cfg.lr_scale("m.text.w"), 0.0);
+        assert_eq!(cfg.lr_scale("m.vision.w"), 0.5);
+        assert_eq!(cfg.lr_scale("other.w"), 1.0);
+        let var = |_| Var::from_tensor(&Tensor::randn(0f64, 1.0, 4, &dev).unwrap()).unwrap();
+        let (half, frozen, full) = (var(0), var(1), var(2));
+        let starts: Vec<Vec<f64>> = [&half, &frozen, &full]
+            .iter()
+            .map(|v| v.to_vec1::<f64>().unwrap())
+            .collect();
+        let names = ["m.vision.weight", "m.text.weight", "head.weight"];
+        let mut opt = AdamW::new(
+            names
+                .iter()
+                .zip([&half, &frozen, &full])
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect(),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(opt.groups().0, vec!["m.vision.weight", "head.weight"]);
+        let mut hist = vec![Vec::new(); 4];
+        for _ in 0..3 {
+            let g = Tensor::randn(0f64, 1.0, 4, &dev).unwrap();
+            for (i, x) in g.to_vec1::<f64>().unwrap().into_iter().enumerate() {
+                hist[i].push(x);
+            }
+            let grads: Grads = names.iter().map(|n| (n.to_string(), g.clone())).collect();
+            opt.step(&grads, 0.01).unwrap();
+        }
+        for i in 0..4 {
+            let got = |v: &Var| v.to_vec1::<f64>().unwrap()[i];
+            assert!((got(&half) - reference(starts[0][i], &hist[i], 0.005, 0.1)).abs() < 1e-12);
+            assert_eq!(got(&frozen), starts[1][i]);
+            assert!((got(&full) - reference(starts[2][i], &hist[i], 0.01, 0.1)).abs() < 1e-12);
+        }
     }
 
     #[test]

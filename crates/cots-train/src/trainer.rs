@@ -202,6 +202,7 @@ impl Trainer {
             tracing::info!("towers initialised from {}", ckpt.display());
         }
         system.ema.copy_from_online()?;
+        system.lock_text = cfg.model.lock_text;
 
         let optim = AdamW::new(system.trainable(), &cfg.optim)?;
         let mut train = data.split(Split::Train)?;
@@ -332,7 +333,14 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
         let accum = self.cfg.optim.accumulation as u64;
-        let vars = self.system.trainable();
+        // Frozen variables (an `optim.lr_scales` multiplier of 0) get no
+        // update and stay out of the clipping norm.
+        let vars: Vec<_> = self
+            .system
+            .trainable()
+            .into_iter()
+            .filter(|(name, _)| self.cfg.optim.trains(name))
+            .collect();
         let mut grads = Grads::new();
         let mut outputs = Vec::new();
         let mut loss = 0.0;

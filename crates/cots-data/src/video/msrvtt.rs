@@ -13,6 +13,10 @@
 //! An annotated video without a file is an error naming the annotation file,
 //! or, under [`MissingPolicy::Skip`], is left out and listed in
 //! [`Resolved::skipped`]; nothing is dropped silently.
+//!
+//! Each `read_*` has a `parse_*` twin that takes the file's contents and
+//! gives the same values and errors; the fuzz targets (docs/fuzzing.md) drive
+//! those.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -125,6 +129,21 @@ pub fn read_msrvtt_json(path: &Path) -> Result<Vec<Annotation>> {
     let file = BufReader::new(File::open(path).map_err(io_err(path))?);
     let data: MsrvttJson =
         serde_json::from_reader(file).map_err(|e| format_err(path, e.line(), e.to_string()))?;
+    annotations(data, path)
+}
+
+/// Parses the bytes of an MSR-VTT annotation JSON exactly as
+/// [`read_msrvtt_json`] reads a file; `path` names it in errors. Bytes, not
+/// text, and through the same `io::Read` deserializer as the file, so that
+/// invalid UTF-8 and the columns in messages come out as the reader's do.
+pub fn parse_msrvtt_json(bytes: &[u8], path: &Path) -> Result<Vec<Annotation>> {
+    let data: MsrvttJson =
+        serde_json::from_reader(bytes).map_err(|e| format_err(path, e.line(), e.to_string()))?;
+    annotations(data, path)
+}
+
+/// Gathers each video's sentences, in file order.
+fn annotations(data: MsrvttJson, path: &Path) -> Result<Vec<Annotation>> {
     let mut index: HashMap<String, usize> = HashMap::with_capacity(data.videos.len());
     let mut out = Vec::with_capacity(data.videos.len());
     for v in data.videos {
@@ -208,11 +227,14 @@ fn parse_csv(path: &Path, text: &str) -> Result<Vec<(usize, Vec<String>)>> {
     Ok(rows)
 }
 
-/// A CSV file's rows as maps from header name to value, with line numbers;
+/// CSV text's rows as maps from header name to value, with line numbers;
 /// the named columns must exist and every row must have the header's width.
-fn read_csv(path: &Path, required: &[&str]) -> Result<Vec<(usize, HashMap<String, String>)>> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let mut rows = parse_csv(path, &text)?.into_iter();
+fn csv_records(
+    text: &str,
+    path: &Path,
+    required: &[&str],
+) -> Result<Vec<(usize, HashMap<String, String>)>> {
+    let mut rows = parse_csv(path, text)?.into_iter();
     let Some((_, header)) = rows.next() else {
         return Err(format_err(path, 1, "empty file (expected a header row)"));
     };
@@ -251,7 +273,13 @@ pub struct JsfusionRow {
 
 /// Reads the 1k-A test list (`key, vid_key, video_id, sentence`).
 pub fn read_jsfusion_csv(path: &Path) -> Result<Vec<JsfusionRow>> {
-    read_csv(path, &["video_id", "sentence"])?
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    parse_jsfusion_csv(&text, path)
+}
+
+/// Parses the text of a 1k-A test list; `path` names it in errors.
+pub fn parse_jsfusion_csv(text: &str, path: &Path) -> Result<Vec<JsfusionRow>> {
+    csv_records(text, path, &["video_id", "sentence"])?
         .into_iter()
         .map(|(line, mut row)| {
             let video_id = row
@@ -280,7 +308,13 @@ pub fn read_jsfusion_csv(path: &Path) -> Result<Vec<JsfusionRow>> {
 /// Reads the `video_id` column of a list such as `MSRVTT_train.9k.csv`, with
 /// the line of each id.
 pub fn read_video_ids_csv(path: &Path) -> Result<Vec<(usize, String)>> {
-    read_csv(path, &["video_id"])?
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    parse_video_ids_csv(&text, path)
+}
+
+/// Parses the text of a video id list; `path` names it in errors.
+pub fn parse_video_ids_csv(text: &str, path: &Path) -> Result<Vec<(usize, String)>> {
+    csv_records(text, path, &["video_id"])?
         .into_iter()
         .map(|(line, mut row)| {
             let id = row
@@ -416,18 +450,44 @@ struct ManifestLine {
 /// string. Blank lines are ignored; a malformed line, a line without
 /// captions or a repeated id is an error naming the file and line.
 pub fn read_manifest(path: &Path, policy: MissingPolicy) -> Result<Resolved> {
-    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
     let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let lines = reader.lines().map(|line| line.map_err(io_err(path)));
+    manifest_lines(lines, path, policy, |video| video.exists())
+}
+
+/// Parses the text of a JSONL video manifest as [`read_manifest`] reads a
+/// file at `path` (which names it in errors and whose folder relative paths
+/// resolve against); `exists` says whether a resolved video path has a file
+/// (`read_manifest` asks the file system).
+pub fn parse_manifest(
+    text: &str,
+    path: &Path,
+    policy: MissingPolicy,
+    exists: impl FnMut(&Path) -> bool,
+) -> Result<Resolved> {
+    manifest_lines(text.lines().map(Ok), path, policy, exists)
+}
+
+/// The manifest reader over lines as they come, so that a file is checked
+/// line by line, in order, without being read whole first.
+fn manifest_lines<S: AsRef<str>>(
+    lines: impl Iterator<Item = Result<S>>,
+    path: &Path,
+    policy: MissingPolicy,
+    mut exists: impl FnMut(&Path) -> bool,
+) -> Result<Resolved> {
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
     let mut out = Resolved::default();
     let mut ids: HashMap<String, usize> = HashMap::new();
-    for (i, line) in reader.lines().enumerate() {
+    for (i, line) in lines.enumerate() {
         let line_no = i + 1;
-        let line = line.map_err(io_err(path))?;
+        let line = line?;
+        let line = line.as_ref();
         if line.trim().is_empty() {
             continue;
         }
         let m: ManifestLine =
-            serde_json::from_str(&line).map_err(|e| format_err(path, line_no, e.to_string()))?;
+            serde_json::from_str(line).map_err(|e| format_err(path, line_no, e.to_string()))?;
         if m.captions.is_empty() || m.captions.iter().any(|c| c.trim().is_empty()) {
             return Err(format_err(
                 path,
@@ -449,7 +509,7 @@ pub fn read_manifest(path: &Path, policy: MissingPolicy) -> Result<Resolved> {
         } else {
             base.join(&m.video)
         };
-        if !video.exists() {
+        if !exists(&video) {
             let reason = format!("line {line_no}");
             missing(policy, path, &id, video, &mut out.skipped)?;
             if let Some(s) = out.skipped.last_mut() {
@@ -501,5 +561,82 @@ mod tests {
         );
         assert_eq!(rows[3], (6, vec!["3".to_string(), "last".to_string()]));
         assert!(parse_csv(Path::new("t.csv"), "a\n\"open").is_err());
+    }
+
+    /// Each reader is its text parser plus reading the file: same values,
+    /// same errors, for good and bad inputs alike.
+    #[test]
+    fn readers_and_text_parsers_agree() {
+        fn same<T: PartialEq + std::fmt::Debug>(a: Result<T>, b: Result<T>) {
+            match (a, b) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => panic!("{a:?} vs {b:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        let json = [
+            r#"{"videos": [{"video_id": "v0", "split": "validate"}], "sentences": [{"video_id": "v0", "caption": "x"}]}"#,
+            "{\"videos\": [\n{\"video_id\": 3}]}",
+            r#"{"videos": [{"video_id": "v0"}, {"video_id": "v0"}]}"#,
+            "",
+            "{\"videos\": [{\"video_id\": \"v\u{e9}\"}], \"sentences\": [{\"video_id\": \"v\u{e9}\", \"caption\": \"\u{1f600}\"}]}",
+        ];
+        for text in json {
+            std::fs::write(&f, text).unwrap();
+            same(read_msrvtt_json(&f), parse_msrvtt_json(text.as_bytes(), &f));
+        }
+        let latin1 = b"{\"videos\": [{\"video_id\": \"v\xe9\"}]}";
+        std::fs::write(&f, latin1).unwrap();
+        same(read_msrvtt_json(&f), parse_msrvtt_json(latin1, &f));
+        let csv = [
+            "key,vid_key,video_id,sentence\nret0,msr7,video7,\"a, b\"\n",
+            "key,vid_key,video_id,sentence\nret0,msr1\n",
+            "video_id\nv0\n\"\"\n",
+            "",
+        ];
+        for text in csv {
+            std::fs::write(&f, text).unwrap();
+            same(read_jsfusion_csv(&f), parse_jsfusion_csv(text, &f));
+            same(read_video_ids_csv(&f), parse_video_ids_csv(text, &f));
+        }
+        std::fs::write(dir.path().join("a.gif"), b"").unwrap();
+        let manifests = [
+            "{\"video\": \"a.gif\", \"captions\": [\"x\"]}\r\n\n{\"video\": \"gone.mp4\", \"captions\": [\"y\"]}",
+            "{\"video\": \"a.gif\", \"captions\": [\"x\"]}\n{\"video\": \"a.gif\", \"captions\": [\"y\"]}\n",
+            "not json",
+        ];
+        for text in manifests {
+            std::fs::write(&f, text).unwrap();
+            for policy in [MissingPolicy::Error, MissingPolicy::Skip] {
+                same(
+                    read_manifest(&f, policy),
+                    parse_manifest(text, &f, policy, |p| p.exists()),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parse_manifest_asks_the_given_file_system() {
+        let text = "{\"video\": \"a.mp4\", \"captions\": [\"x\"]}\n{\"video\": \"/v/b.mp4\", \"captions\": [\"y\"], \"id\": \"b\"}\n";
+        let path = Path::new("data/videos.jsonl");
+        let only_b = |p: &Path| p == Path::new("/v/b.mp4");
+        let r = parse_manifest(text, path, MissingPolicy::Skip, only_b).unwrap();
+        assert_eq!(r.records.len(), 1);
+        assert_eq!(r.records[0].id, "b");
+        assert_eq!(r.skipped[0].id, "a.mp4");
+        assert!(
+            r.skipped[0].reason.contains("data/a.mp4"),
+            "{:?}",
+            r.skipped
+        );
+        let e = parse_manifest(text, path, MissingPolicy::Error, only_b).unwrap_err();
+        assert!(
+            matches!(&e, Error::MissingVideo { id, .. } if id == "a.mp4"),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("data/videos.jsonl: "), "{e}");
     }
 }

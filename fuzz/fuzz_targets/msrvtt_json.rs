@@ -1,0 +1,6 @@
+//! Fuzzes `cots_data::fuzzing::check_msrvtt_json` (docs/fuzzing.md).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| cots_data::fuzzing::check_msrvtt_json(data));

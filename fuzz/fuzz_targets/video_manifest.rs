@@ -1,0 +1,6 @@
+//! Fuzzes `cots_data::fuzzing::check_video_manifest` (docs/fuzzing.md).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| cots_data::fuzzing::check_video_manifest(data));
