@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cots_data::image_io::{load_pixels, ImageConfig};
+use cots_data::image_io::{load_pixels, resize_center_crop, to_chw, ImageConfig};
 use cots_data::{Dataset, ImageSource};
 use cots_encoders::decomposed::{self, Decomposed};
 use cots_encoders::dual::DualEncoder;
 use cots_encoders::tokenizer::TextTokenizer;
 use cots_encoders::two_stream::{self, TwoStream};
 use cots_eval::{evaluate_embeddings, EvalOptions, RetrievalReport};
+use image::RgbImage;
 use rayon::prelude::*;
 
 use crate::config::RunConfig;
@@ -42,11 +43,37 @@ pub fn embed_images<M: DualEncoder + ?Sized>(
     image: &ImageConfig,
     device: &Device,
 ) -> Result<Tensor> {
+    embed_image_batches(model, sources, image, device, |s| load_pixels(s, image))
+}
+
+/// L2-normalised embeddings `[N, E]` of images already decoded (an upload
+/// to the search service, say), with the same resize, centre crop and
+/// normalisation as [`embed_images`] applies to a file.
+pub fn embed_decoded_images<M: DualEncoder + ?Sized>(
+    model: &M,
+    images: &[RgbImage],
+    image: &ImageConfig,
+    device: &Device,
+) -> Result<Tensor> {
+    embed_image_batches(model, images, image, device, |img| {
+        Ok(to_chw(&resize_center_crop(img, image.size), image))
+    })
+}
+
+/// Batches of `pixels(item)` (CHW values at the configured size) through the
+/// image tower.
+fn embed_image_batches<T: Sync, M: DualEncoder + ?Sized>(
+    model: &M,
+    items: &[T],
+    image: &ImageConfig,
+    device: &Device,
+    pixels: impl Fn(&T) -> cots_data::Result<Vec<f32>> + Sync,
+) -> Result<Tensor> {
     let mut out = Vec::new();
-    for chunk in sources.chunks(BATCH) {
+    for chunk in items.chunks(BATCH) {
         let pixels: Vec<Vec<f32>> = chunk
             .par_iter()
-            .map(|s| load_pixels(s, image))
+            .map(&pixels)
             .collect::<std::result::Result<_, _>>()?;
         let n = chunk.len();
         let t = Tensor::from_vec(pixels.concat(), (n, 3, image.size, image.size), device)?;
@@ -205,6 +232,11 @@ impl Run {
         embed_images(&self.model, sources, &self.image_config(), &self.device)
     }
 
+    /// Embeddings of decoded images; see [`embed_decoded_images`].
+    pub fn embed_decoded_images(&self, images: &[RgbImage]) -> Result<Tensor> {
+        embed_decoded_images(&self.model, images, &self.image_config(), &self.device)
+    }
+
     pub fn embed_texts(&self, texts: &[String]) -> Result<Tensor> {
         embed_texts(
             &self.model,
@@ -244,4 +276,46 @@ pub(crate) fn load_frozen<M>(
         DType::F32,
         device,
     ))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// An upload decoded in memory embeds exactly like the same image read
+    /// from a file, at a size that needs the resize and the crop.
+    #[test]
+    fn decoded_images_embed_like_their_files() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let model = TwoStream::new(&two_stream::Config::tiny(32), vb).unwrap();
+        let cfg = ImageConfig {
+            size: model.config().vision.image_size,
+            ..ImageConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut images = Vec::new();
+        let mut sources = Vec::new();
+        for (i, (w, h)) in [(50, 37), (cfg.size as u32, cfg.size as u32), (91, 120)]
+            .into_iter()
+            .enumerate()
+        {
+            let img = RgbImage::from_fn(w, h, |_, _| image::Rgb(rng.random()));
+            let path = dir.path().join(format!("{i}.png"));
+            img.save(&path).unwrap();
+            images.push(img);
+            sources.push(ImageSource::Path(path));
+        }
+        let from_files = embed_images(&model, &sources, &cfg, &dev).unwrap();
+        let decoded = embed_decoded_images(&model, &images, &cfg, &dev).unwrap();
+        assert_eq!(decoded.dims(), &[3, model.config().embed_dim]);
+        let (a, b) = (
+            from_files.to_vec2::<f32>().unwrap(),
+            decoded.to_vec2::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+    }
 }

@@ -267,7 +267,7 @@ pub struct SearchArgs {
     pub allow_model_mismatch: bool,
 }
 
-fn parse_split(s: &str) -> Result<Split> {
+pub fn parse_split(s: &str) -> Result<Split> {
     Ok(match s {
         "train" => Split::Train,
         "val" => Split::Val,

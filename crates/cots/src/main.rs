@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod emoji;
+mod index_cmd;
+mod serve_cmd;
 
 /// Collaborative two-stream vision-language retrieval (COTS).
 ///
@@ -65,6 +67,12 @@ pub enum Command {
     /// Build the multi-style emoji retrieval benchmark from unpacked npm
     /// packages (`cargo xtask data emoji` downloads them and runs this).
     BuildEmoji(emoji::BuildEmojiArgs),
+    /// Build, grow, inspect, export and search a persistent retrieval index
+    /// (memory-mapped vectors, exact or approximate search, thumbnails).
+    Index(index_cmd::IndexArgs),
+    /// Serve an index over HTTP: a JSON search API (text and image queries),
+    /// a web page, Prometheus metrics. Loopback only unless told otherwise.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() {
@@ -107,5 +115,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => commands::embed(&ctx, a),
         Command::Search(a) => commands::search(&ctx, a),
         Command::BuildEmoji(a) => emoji::build_emoji(ctx.quiet, a),
+        Command::Index(a) => index_cmd::index(&ctx, a),
+        Command::Serve(a) => serve_cmd::serve(&ctx, a),
     }
 }

@@ -1,0 +1,278 @@
+//! `cots index` end to end on a tiny run trained for two steps: build from a
+//! run config's dataset (resumable), search (exact, approximate, int8, with
+//! filters) against scores computed here from the run and the stored
+//! vectors, add a folder with a corrupt image, remove, export, and the
+//! refusal to search with another checkpoint.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use cots_index::Index;
+use cots_train::config::RunConfig;
+use cots_train::inference::Run;
+use cots_train::trainer::Trainer;
+
+fn tiny_run(out: &Path) {
+    let mut cfg: RunConfig = toml::from_str(
+        r#"
+        [model]
+        preset = "tiny"
+        [data]
+        kind = "synthetic"
+        batch_size = 8
+        max_text_len = 20
+        [data.synthetic]
+        train = 32
+        val = 4
+        test = 12
+        [train]
+        log_every = 1
+        eval_every = 0
+        checkpoint_every = 2
+        [objectives.queue]
+        size = 16
+        [[objectives.objectives]]
+        kind = "itc"
+        "#,
+    )
+    .unwrap();
+    cfg.train.steps = 2;
+    cfg.train.out = out.to_path_buf();
+    Trainer::new(cfg, &Device::Cpu, false)
+        .unwrap()
+        .run(true)
+        .unwrap();
+}
+
+fn cots(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_cots"))
+        .arg("--quiet")
+        .arg("--device")
+        .arg("cpu")
+        .args(args)
+        .output()
+        .unwrap();
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = cots(args);
+    assert!(
+        out.status.success(),
+        "cots {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = cots(args);
+    assert!(!out.status.success(), "cots {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn hits(json: &str) -> Vec<(String, f32)> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_str().unwrap().to_string(),
+                h["score"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn build_search_add_remove_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    tiny_run(&run_dir);
+    let run_s = run_dir.to_str().unwrap();
+    let idx = tmp.path().join("idx");
+    let idx_s = idx.to_str().unwrap();
+    let config = run_dir.join("config.toml");
+    let config_s = config.to_str().unwrap();
+
+    let build = [
+        "index",
+        "build",
+        "--run",
+        run_s,
+        "--out",
+        idx_s,
+        "--data-config",
+        config_s,
+        "--split",
+        "test",
+        "--chunk",
+        "5",
+        "--ann",
+        "--int8",
+    ];
+    ok(&build);
+    let index = Index::open(&idx).unwrap();
+    assert_eq!(index.len(), 12);
+    assert!(index.is_quantized() && index.ann_params().is_some());
+    let first = index.items()[0].clone();
+    assert_eq!(first.metadata["split"], "test");
+    assert!(!first.captions.is_empty());
+    assert!(index.thumbnail(&first.id).unwrap().is_some());
+
+    // Resumable: with items gone (as if the build had stopped early) the
+    // same command embeds only the missing ones.
+    let gone: Vec<String> = index.items()[7..].iter().map(|i| i.id.clone()).collect();
+    drop(index);
+    let mut index = Index::open(&idx).unwrap();
+    index.remove(&gone).unwrap();
+    drop(index);
+    let out = ok(&build);
+    assert!(out.contains("resuming: 7 of 12 items"), "{out}");
+    assert_eq!(Index::open(&idx).unwrap().len(), 12);
+
+    // Search: the scores are the dot products of the run's query embedding
+    // with the stored vectors, and the exact ranking is their full sort.
+    let run = Run::open(&run_dir, &Device::Cpu).unwrap();
+    let query = first.captions[0].clone();
+    let q: Vec<f32> = run
+        .embed_texts(std::slice::from_ref(&query))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let index = Index::open(&idx).unwrap();
+    let mut want: Vec<(String, f32)> = (0..index.len())
+        .map(|r| {
+            let v = index.vector(r).unwrap();
+            (
+                index.items()[r].id.clone(),
+                v.iter().zip(&q).map(|(a, b)| a * b).sum(),
+            )
+        })
+        .collect();
+    want.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let got = hits(&ok(&[
+        "index", "search", "--index", idx_s, "--run", run_s, &query, "-k", "4", "--json",
+    ]));
+    assert_eq!(got.len(), 4);
+    for ((id, s), (wid, ws)) in got.iter().zip(&want) {
+        assert!((s - ws).abs() < 1e-4, "{id} {s} vs {wid} {ws}");
+    }
+    // On 12 items the graph and a 12-row int8 short list find the same top 4.
+    for extra in [&["--approx"][..], &["--int8", "12"][..]] {
+        let mut args = vec![
+            "index", "search", "--index", idx_s, "--run", run_s, &query, "-k", "4", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let other = hits(&ok(&args));
+        let ids = |h: &[(String, f32)]| h.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&other), ids(&got), "{extra:?}");
+    }
+    let filtered = hits(&ok(&[
+        "index",
+        "search",
+        "--index",
+        idx_s,
+        "--run",
+        run_s,
+        &query,
+        "--filter",
+        "split=train",
+        "--json",
+    ]));
+    assert!(filtered.is_empty());
+    let text = ok(&[
+        "index", "search", "--index", idx_s, "--run", run_s, &query, "-k", "2",
+    ]);
+    assert!(text.contains("top 2 of 12 items"), "{text}");
+
+    // A folder with one corrupt image: an error naming it, or skipped.
+    let folder = tmp.path().join("more");
+    std::fs::create_dir_all(folder.join("sub")).unwrap();
+    for (i, name) in ["a.png", "sub/b.png", "c.png"].iter().enumerate() {
+        let img = image::RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, (i * 90) as u8])
+        });
+        img.save(folder.join(name)).unwrap();
+    }
+    std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
+    let folder_s = folder.to_str().unwrap();
+    let err = fails(&[
+        "index", "add", "--index", idx_s, "--run", run_s, "--folder", folder_s,
+    ]);
+    assert!(err.contains("broken.jpg"), "{err}");
+    let out = ok(&[
+        "index",
+        "add",
+        "--index",
+        idx_s,
+        "--run",
+        run_s,
+        "--folder",
+        folder_s,
+        "--skip-bad",
+    ]);
+    assert!(out.contains("skipped 1 image"), "{out}");
+    let index = Index::open(&idx).unwrap();
+    assert_eq!(index.len(), 15);
+    let (_, b) = index.item("sub_b").unwrap();
+    assert_eq!(b.metadata["folder"], "sub");
+    // The image query of an indexed image finds it first.
+    let img_hits = hits(&ok(&[
+        "index",
+        "search",
+        "--index",
+        idx_s,
+        "--run",
+        run_s,
+        "--image",
+        folder.join("c.png").to_str().unwrap(),
+        "-k",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(img_hits[0].0, "c");
+    assert!((img_hits[0].1 - 1.0).abs() < 1e-3);
+
+    ok(&["index", "remove", "--index", idx_s, "a", "c"]);
+    let err = fails(&["index", "remove", "--index", idx_s, "nope"]);
+    assert!(err.contains("nope"), "{err}");
+    let info = ok(&["index", "info", "--index", idx_s, "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["items"], 13);
+
+    let parquet = tmp.path().join("gallery.parquet");
+    ok(&[
+        "index",
+        "export",
+        "--index",
+        idx_s,
+        "--parquet",
+        parquet.to_str().unwrap(),
+    ]);
+    assert!(std::fs::metadata(&parquet).unwrap().len() > 0);
+
+    // Another checkpoint: refused unless asked.
+    let meta = idx.join("index.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(&meta, text.replace(&run.weights_hash, "0000feed")).unwrap();
+    let err = fails(&["index", "search", "--index", idx_s, "--run", run_s, &query]);
+    assert!(
+        err.contains("--allow-model-mismatch") && err.contains("0000feed"),
+        "{err}"
+    );
+    ok(&[
+        "index",
+        "search",
+        "--index",
+        idx_s,
+        "--run",
+        run_s,
+        &query,
+        "--allow-model-mismatch",
+    ]);
+}
