@@ -784,7 +784,7 @@ pub fn iconify_svg(icon: &IconifyIcon, mono: bool) -> String {
     let s = w.max(h);
     let (vx, vy) = (l - (s - w) / 2.0, t - (s - h) / 2.0);
     let mut transform = Vec::new();
-    if icon.rotate % 4 != 0 {
+    if !icon.rotate.is_multiple_of(4) {
         transform.push(format!(
             "rotate({} {} {})",
             90 * (icon.rotate % 4),

@@ -137,7 +137,7 @@ pub fn check_video_ids_csv(data: &[u8]) {
 pub fn check_video_manifest(data: &[u8]) {
     const ORIGIN: &str = "fuzz/videos.jsonl";
     let text = String::from_utf8_lossy(data);
-    let exists = |p: &Path| p.as_os_str().len() % 2 == 0;
+    let exists = |p: &Path| p.as_os_str().len().is_multiple_of(2);
     let strict = msrvtt::parse_manifest(&text, Path::new(ORIGIN), MissingPolicy::Error, exists);
     let lenient = msrvtt::parse_manifest(&text, Path::new(ORIGIN), MissingPolicy::Skip, exists);
     for result in [&strict, &lenient] {

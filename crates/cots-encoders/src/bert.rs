@@ -160,7 +160,7 @@ impl Config {
 }
 
 pub(crate) fn check_heads(hidden: usize, heads: usize) -> Result<()> {
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(Error::Config(format!(
             "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         )));

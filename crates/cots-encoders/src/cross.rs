@@ -79,7 +79,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.joint.validate()?;
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(Error::Config(format!(
                 "cross-encoder: image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size

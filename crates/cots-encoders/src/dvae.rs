@@ -99,7 +99,7 @@ impl Config {
                 "dvae patch_size must be a power of two >= 2, got {p}"
             )));
         }
-        if self.image_size == 0 || self.image_size % p != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(p) {
             return Err(Error::Config(format!(
                 "dvae image_size {} must be a positive multiple of patch_size {p}",
                 self.image_size

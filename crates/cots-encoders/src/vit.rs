@@ -100,7 +100,7 @@ impl Config {
     /// Checks the shape constraints the modules rely on.
     pub fn validate(&self) -> Result<()> {
         check_heads(self.hidden_size, self.num_attention_heads)?;
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(Error::Config(format!(
                 "vit: image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size

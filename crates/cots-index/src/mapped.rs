@@ -72,7 +72,7 @@ impl MappedTensor {
         let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
         let end = start + view.data().len();
         let align = dtype.bitsize() / 8;
-        if align > 1 && (bytes.as_ptr() as usize + start) % align != 0 {
+        if align > 1 && !(bytes.as_ptr() as usize + start).is_multiple_of(align) {
             return Err(Error::corrupt(
                 &file.path,
                 format!("tensor `{name}` is not aligned to {align} bytes"),

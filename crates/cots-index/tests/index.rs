@@ -84,7 +84,7 @@ fn build(dir: &Path, n: usize, dim: usize, chunks: usize, seed: u64) -> (Index, 
                 let r = c * per + i;
                 item(
                     &format!("item{r}"),
-                    if r % 2 == 0 { "train" } else { "test" },
+                    if r.is_multiple_of(2) { "train" } else { "test" },
                 )
             })
             .collect();

@@ -148,7 +148,7 @@ impl LockstepQueue {
     ) -> Result<()> {
         let k = self.size();
         let (b, e) = image_keys.dims2()?;
-        if b == 0 || k % b != 0 {
+        if b == 0 || !k.is_multiple_of(b) {
             return Err(Error::QueueBatch { queue: k, batch: b });
         }
         let want = [b, self.image.dim(1)?];

@@ -491,7 +491,7 @@ impl Trainer {
                 log.pairs_per_s
             ));
             bar.set_position(self.step);
-            if self.step % self.cfg.train.log_every.max(1) == 0 || self.step == total {
+            if self.step.is_multiple_of(self.cfg.train.log_every.max(1)) || self.step == total {
                 let mut rec = json!({
                     "step": log.step, "lr": log.lr, "loss/total": log.loss,
                     "grad_norm": log.grad_norm, "pairs_per_s": log.pairs_per_s,
@@ -513,7 +513,7 @@ impl Trainer {
                 }
             }
             let eval_every = self.cfg.train.eval_every;
-            if eval_every > 0 && (self.step % eval_every == 0 || self.step == total) {
+            if eval_every > 0 && (self.step.is_multiple_of(eval_every) || self.step == total) {
                 if let Ok(r) = self.evaluate(Split::Val) {
                     let mut rec = json!({"step": self.step, "val/rsum": r.rsum});
                     for (k, v) in &r.t2i.recall {
@@ -525,7 +525,11 @@ impl Trainer {
                     self.metrics.write(&rec)?;
                 }
             }
-            if self.step % self.cfg.train.checkpoint_every.max(1) == 0 || self.step == total {
+            if self
+                .step
+                .is_multiple_of(self.cfg.train.checkpoint_every.max(1))
+                || self.step == total
+            {
                 ckpt = self.save_checkpoint()?;
             }
         }
