@@ -57,8 +57,8 @@ pub fn check_manifest_jsonl(data: &[u8]) {
     }
 }
 
-/// [`manifest::parse_karpathy`]: ids are the images' positions and captions
-/// are trimmed and non-empty.
+/// [`manifest::parse_karpathy`]: ids are the images' positions; every image
+/// has captions, trimmed and non-empty.
 pub fn check_karpathy_json(data: &[u8]) {
     const ORIGIN: &str = "fuzz/dataset_coco.json";
     let text = String::from_utf8_lossy(data);
@@ -66,6 +66,7 @@ pub fn check_karpathy_json(data: &[u8]) {
         Ok(set) => {
             for (i, item) in set.items.iter().enumerate() {
                 assert_eq!(item.id as usize, i);
+                assert!(!item.captions.is_empty(), "image {i} without captions");
                 for c in &item.captions {
                     assert!(!c.is_empty() && c.trim() == c, "caption {c:?}");
                 }

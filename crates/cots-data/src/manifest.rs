@@ -129,6 +129,9 @@ pub fn parse_karpathy(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
             .iter()
             .map(|s| s.raw.trim().to_string())
             .collect();
+        if captions.is_empty() {
+            return Err(err("no sentences".into()));
+        }
         if let Some(c) = captions.iter().position(|c| c.is_empty()) {
             return Err(err(format!("sentence {c} is empty")));
         }
@@ -221,6 +224,10 @@ mod tests {
             (
                 r#"{"images": [{"filename": "a.jpg", "split": "val", "sentences": [{"raw": " "}]}]}"#,
                 "sentence 0 is empty",
+            ),
+            (
+                r#"{"images": [{"filename": "a.jpg", "split": "val", "sentences": []}]}"#,
+                "images[0] (a.jpg): no sentences",
             ),
         ] {
             let e = parse_karpathy(bad, p, Path::new("."))

@@ -69,10 +69,13 @@ pub fn save(
 }
 
 /// Creates the output directory `out` of a single-model training command,
-/// refusing one that already holds a model (`marker` exists): a second run
-/// never replaces the first. `what` names the model in the error.
-pub(crate) fn claim_output_dir(out: &Path, marker: &str, what: &str) -> Result<()> {
-    if out.join(marker).exists() {
+/// refusing one that already holds a model (`marker` and `weights` both
+/// exist): a second run never replaces the first. A directory with the
+/// marker but no weights is a run that stopped before its first save, which
+/// holds nothing to lose, so it is reused. `what` names the model in the
+/// error.
+pub(crate) fn claim_output_dir(out: &Path, marker: &str, weights: &str, what: &str) -> Result<()> {
+    if out.join(marker).exists() && out.join(weights).exists() {
         return Err(Error::Config(format!(
             "{} already holds {what}: choose another output directory or remove it",
             out.display()
@@ -211,6 +214,21 @@ mod tests {
             Tensor::new(&[v, 2.0], &Device::Cpu).unwrap(),
         )]
         .into()
+    }
+
+    #[test]
+    fn an_output_dir_is_refused_only_when_it_holds_a_saved_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        claim_output_dir(&out, "m.json", "m.safetensors", "a model").unwrap();
+        // A run that wrote its config and then stopped before its first save.
+        std::fs::write(out.join("m.json"), "{}").unwrap();
+        claim_output_dir(&out, "m.json", "m.safetensors", "a model").unwrap();
+        std::fs::write(out.join("m.safetensors"), "x").unwrap();
+        let err = claim_output_dir(&out, "m.json", "m.safetensors", "a model")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already holds a model"), "{err}");
     }
 
     #[test]

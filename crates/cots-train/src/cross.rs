@@ -138,7 +138,12 @@ pub fn train_cross(
             "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
         ));
     }
-    checkpoint::claim_output_dir(out, CROSS_CONFIG_FILE, "a cross-encoder")?;
+    checkpoint::claim_output_dir(
+        out,
+        CROSS_CONFIG_FILE,
+        CROSS_WEIGHTS_FILE,
+        "a cross-encoder",
+    )?;
     let device = &miner.device;
     let towers = miner.two_stream("train-cross (hard-negative mining)")?;
     let cfg = cross::Config::matching(towers.config());

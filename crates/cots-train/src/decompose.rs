@@ -165,7 +165,12 @@ pub fn decompose(
             "decompose needs batch_size >= 2, steps >= 1 and embed_dim >= 1".into(),
         ));
     }
-    checkpoint::claim_output_dir(out, DECOMPOSED_FILE, "a decomposed model")?;
+    checkpoint::claim_output_dir(
+        out,
+        DECOMPOSED_FILE,
+        DECOMPOSED_WEIGHTS,
+        "a decomposed model",
+    )?;
     let device = &source.device;
     let map = VarMap::new();
     let model = decomposed_from(source, dc.embed_dim, dc.pooling, dc.seed, &map)?;
