@@ -170,14 +170,25 @@ impl Dataset {
 
     /// The embedded synthetic video set (all splits): one item per clip,
     /// with its captions; a clip and its time-reversed twin share a split.
+    ///
+    /// Captions name a concept (shape, colour, event), not a drawing, so the
+    /// drawings of one concept share an item id (the objectives treat them
+    /// as positives of each other), and the validation and test splits keep
+    /// one drawing per concept (variant 0): a second one would be a
+    /// duplicate no model could rank below the first.
     pub fn synthetic_video(cfg: &video::synthetic::SyntheticVideoConfig) -> Self {
         let set = video::synthetic::SyntheticVideoSet::new(cfg);
+        // The first caption names the concept (it differs between any two).
+        let mut concepts: std::collections::HashMap<&str, u32> = Default::default();
         let items = set
             .clips()
             .iter()
-            .enumerate()
-            .map(|(i, clip)| Item {
-                id: i as u32,
+            .filter(|clip| clip.split == video::Split::Train || clip.variant == 0)
+            .map(|clip| Item {
+                id: {
+                    let next = concepts.len() as u32;
+                    *concepts.entry(clip.captions[0].as_str()).or_insert(next)
+                },
                 captions: clip.captions.clone(),
                 split: clip.split.into(),
                 category: Some(clip.event.family().to_string()),

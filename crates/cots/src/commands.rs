@@ -79,12 +79,18 @@ fn cuda_driver_present() -> bool {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Where the demo run is written (replaced if it holds an earlier demo).
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
+    /// Where the demo run is written (replaced if it holds an earlier demo);
+    /// default `runs/demo`, or `runs/demo-video` with `--video`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Training steps (the default fits in a few minutes on two cores).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Text-to-video instead: train on the embedded synthetic clips with mean
+    /// pooling and with the temporal transformer, and compare them on the
+    /// test split, where every clip meets its time-reversed twin.
+    #[arg(long)]
+    pub video: bool,
 }
 
 #[derive(Debug, Args)]
@@ -277,21 +283,16 @@ pub fn parse_split(s: &str) -> Result<Split> {
 }
 
 pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
+    if a.video {
+        return crate::demo_video::demo_video(ctx, &a);
+    }
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));
     let mut cfg: RunConfig = toml::from_str(DEMO_CONFIG).context("the embedded demo config")?;
-    cfg.train.out = a.out.clone();
+    cfg.train.out = out.clone();
     if let Some(s) = a.steps {
         cfg.train.steps = s;
     }
-    if a.out.join("checkpoints").exists() {
-        if !a.out.join(cots_train::inference::CONFIG_FILE).exists() {
-            bail!(
-                "{} exists and is not a cots run: choose another --out",
-                a.out.display()
-            );
-        }
-        std::fs::remove_dir_all(&a.out)
-            .with_context(|| format!("clearing the earlier demo in {}", a.out.display()))?;
-    }
+    clear_earlier_demo(&out)?;
     println!(
         "COTS demo: training a {} two-stream model on the embedded synthetic scenes ({} steps of {} pairs)",
         cfg.model.preset, cfg.train.steps, cfg.data.batch_size
@@ -303,7 +304,7 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
         summary.steps,
         summary.seconds,
         summary.final_loss,
-        a.out.display()
+        out.display()
     );
     let report = trainer.evaluate(Split::Test)?;
     println!(
@@ -311,9 +312,9 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     );
     let chance = 100.0 / report.n_images as f64;
     println!("(chance text-to-image R@1 is {chance:.1}%)");
-    write_reports(&report, &a.out.join("eval.json"), &a.out.join("eval.md"))?;
+    write_reports(&report, &out.join("eval.json"), &out.join("eval.md"))?;
 
-    let run = Run::open(&a.out, &ctx.device)?;
+    let run = Run::open(&out, &ctx.device)?;
     let data = load_dataset(&run.cfg)?.split(Split::Test)?;
     let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
     let gallery = run.embed_images(&sources)?;
@@ -348,7 +349,27 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_reports(report: &cots_eval::RetrievalReport, json: &Path, md: &Path) -> Result<()> {
+/// Removes an earlier demo run in `out`, refusing to touch a directory that
+/// is not a cots run.
+pub fn clear_earlier_demo(out: &Path) -> Result<()> {
+    if out.join("checkpoints").exists() {
+        if !out.join(cots_train::inference::CONFIG_FILE).exists() {
+            bail!(
+                "{} exists and is not a cots run: choose another --out",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("clearing the earlier demo in {}", out.display()))?;
+    }
+    Ok(())
+}
+
+pub fn write_reports(
+    report: &cots_eval::RetrievalReport,
+    json: &Path,
+    md: &Path,
+) -> Result<()> {
     std::fs::write(json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     std::fs::write(md, report.to_markdown())
