@@ -256,7 +256,7 @@ pub struct EmbedArgs {
 
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// The text query (omit with --image).
+    /// The text query (omit with --image or --video).
     pub query: Option<String>,
     #[arg(long)]
     pub run: PathBuf,
@@ -266,6 +266,11 @@ pub struct SearchArgs {
     /// Search captions with this image instead of a text query.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Search captions with this video (a file ffmpeg reads, an animated
+    /// GIF or WebP, or a folder of frames) instead of a text query; a video
+    /// run samples its frames, an image run takes the centre frame.
+    #[arg(long)]
+    pub video: Option<PathBuf>,
     #[arg(short, long, default_value_t = 5)]
     pub k: usize,
     /// Search even if the index was built by another checkpoint.
@@ -628,13 +633,23 @@ pub fn embed(ctx: &Ctx, a: EmbedArgs) -> Result<()> {
     std::fs::write(&side, serde_json::to_string_pretty(&meta)?)
         .with_context(|| format!("writing {}", side.display()))?;
     println!(
-        "embedded {} images and {} captions into {} (+ {})",
+        "embedded {} {} and {} captions into {} (+ {})",
         data.items.len(),
+        gallery_noun(&run),
         n,
         a.out.display(),
         side.display()
     );
     Ok(())
+}
+
+/// What a run's gallery holds: "videos" for a video run, else "images".
+fn gallery_noun(run: &Run) -> &'static str {
+    if run.cfg.data.image.frames.is_some() {
+        "videos"
+    } else {
+        "images"
+    }
 }
 
 pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
@@ -672,7 +687,13 @@ pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
             })
             .unwrap_or_default()
     };
-    let (query, gallery, labels, what) = match (&a.query, &a.image) {
+    let visual = match (&a.image, &a.video) {
+        (Some(p), None) => Some(ImageSource::Path(p.clone())),
+        (None, Some(p)) => Some(ImageSource::Video(p.clone())),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give --image or --video, not both"),
+    };
+    let (query, gallery, labels, what) = match (&a.query, visual) {
         (Some(q), None) => {
             if q.trim().is_empty() {
                 bail!("the query is empty");
@@ -681,16 +702,16 @@ pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
                 run.embed_texts(std::slice::from_ref(q))?,
                 get("image_embeddings")?,
                 names("images"),
-                "images",
+                gallery_noun(&run),
             )
         }
-        (None, Some(p)) => (
-            run.embed_images(&[ImageSource::Path(p.clone())])?,
+        (None, Some(source)) => (
+            run.embed_images(&[source])?,
             get("text_embeddings")?,
             names("texts"),
             "captions",
         ),
-        _ => bail!("give either a text query or --image PATH"),
+        _ => bail!("give either a text query or --image PATH (or --video PATH)"),
     };
     let hits = &top_k(&query, &gallery, a.k)?[0];
     println!("top {} {what}:", hits.len());
