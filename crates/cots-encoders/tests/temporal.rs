@@ -319,3 +319,36 @@ fn clips_encode_like_their_frames_one_at_a_time() -> TestResult {
     assert!(e.contains("temporal head"), "{e}");
     Ok(())
 }
+
+/// `position_scale` is a reparametrisation: scale `s` over table `P` gives
+/// what scale 1 over table `s P` gives.
+#[test]
+fn position_scale_equals_a_scaled_table() -> TestResult {
+    let x = feats(31)?;
+    let build_scaled = |scale: f64| -> Result<(VarMap, TemporalPool), Box<dyn std::error::Error>> {
+        let vm = VarMap::new();
+        let cfg = Config {
+            mode: transformer(Readout::Mean),
+            num_frames: 8,
+            hidden: D,
+            position_scale: scale,
+            ..Config::default()
+        };
+        let pool =
+            TemporalPool::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        randomise_matrices(&vm)?;
+        set_positions(&vm, 5, 0.02)?;
+        Ok((vm, pool))
+    };
+    let (_, scaled) = build_scaled(50.0)?;
+    let (vm, plain) = build_scaled(1.0)?;
+    set_positions(&vm, 5, 0.02 * 50.0)?;
+    let diff = max_abs_diff(&scaled.forward(&x, None)?, &plain.forward(&x, None)?)?;
+    assert!(diff < 1e-4, "{diff}");
+    let bad = Config {
+        position_scale: 0.0,
+        ..Config::transformer(D, 4)
+    };
+    assert!(bad.validate().is_err());
+    Ok(())
+}

@@ -43,6 +43,9 @@ pub struct ModelSection {
     /// data only): `kind = "mean"` (the default) or `kind = "transformer"`
     /// with `layers`, `heads` and optionally `readout = "mean" | "cls"`.
     pub temporal: cots_encoders::temporal::Mode,
+    /// The transformer's frame-position scale
+    /// (`cots_encoders::temporal::Config::position_scale`).
+    pub temporal_position_scale: f64,
 }
 
 impl Default for ModelSection {
@@ -56,6 +59,7 @@ impl Default for ModelSection {
             dvae: None,
             init: None,
             temporal: cots_encoders::temporal::Mode::Mean,
+            temporal_position_scale: 1.0,
         }
     }
 }

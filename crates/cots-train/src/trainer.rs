@@ -185,6 +185,7 @@ fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
             mode: cfg.model.temporal,
             num_frames: frames,
             hidden: m.vision.hidden_size,
+            position_scale: cfg.model.temporal_position_scale,
             ..temporal::Config::default()
         }),
         _ => None,
