@@ -208,9 +208,7 @@ pub fn load_clip_frames(
                 .map(|i| resize_center_crop(&frames[i], cfg.size))
                 .collect())
         }
-        ImageSource::Path(_) | ImageSource::Synthetic { .. } => {
-            Ok(vec![load_rgb(source, cfg)?; n])
-        }
+        ImageSource::Path(_) | ImageSource::Synthetic { .. } => Ok(vec![load_rgb(source, cfg)?; n]),
     }
 }
 

@@ -549,7 +549,11 @@ fn the_loader_batches_clips_sampled_like_the_reference() -> TestResult {
     let train = all.split(cots_data::Split::Train)?;
     assert_eq!(variants(&train), [0, 1].into());
     let ids: std::collections::BTreeSet<u32> = train.items.iter().map(|i| i.id).collect();
-    assert_eq!(ids.len() * 2, train.items.len(), "two drawings per concept id");
+    assert_eq!(
+        ids.len() * 2,
+        train.items.len(),
+        "two drawings per concept id"
+    );
     assert!(test.twins().is_some());
 
     let image = ImageConfig {

@@ -334,8 +334,7 @@ fn position_scale_equals_a_scaled_table() -> TestResult {
             position_scale: scale,
             ..Config::default()
         };
-        let pool =
-            TemporalPool::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        let pool = TemporalPool::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
         randomise_matrices(&vm)?;
         set_positions(&vm, 5, 0.02)?;
         Ok((vm, pool))

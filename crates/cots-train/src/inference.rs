@@ -141,13 +141,14 @@ pub fn evaluate<M: DualEncoder + ?Sized>(
     let scorer = EmbeddingScorer::new(&img, &txt)?;
     let mut report = evaluate_scorer(&scorer, &targets, &EvalOptions::default(), modality)?;
     if let Some(twins) = data.twins() {
-        report.hard_negative_accuracy =
-            Some(hard_negative_accuracy(&img, &txt, &targets, &twins)?);
+        report.hard_negative_accuracy = Some(hard_negative_accuracy(&img, &txt, &targets, &twins)?);
     }
     Ok(report)
 }
 
 /// The two encoders a run serves.
+// One value per opened run: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Encoders {
     /// COTS's ViT and BERT towers.
     Cots(TwoStream),

@@ -23,8 +23,8 @@ use cots_data::synthetic::vocabulary;
 use cots_data::video::{self, MissingPolicy};
 use cots_data::{manifest, Dataset, Loader, LoaderConfig, LoaderPosition, Split};
 use cots_encoders::tokenizer::TextTokenizer;
-use cots_encoders::{temporal, two_stream};
 use cots_encoders::weights::HfBertDir;
+use cots_encoders::{temporal, two_stream};
 use cots_eval::RetrievalReport;
 use cots_objectives::ObjectiveState;
 use cots_ops::SeededRng;
@@ -107,14 +107,10 @@ pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
                 .clone()
                 .or_else(|| json.parent().map(Path::to_path_buf))
                 .unwrap_or_default();
-            videos(video::msrvtt::msrvtt_1ka(
-                json,
-                &files.train_list,
-                &files.test_csv,
-                &dir,
-                policy,
+            videos(
+                video::msrvtt::msrvtt_1ka(json, &files.train_list, &files.test_csv, &dir, policy)
+                    .map_err(cots_data::Error::from)?,
             )
-            .map_err(cots_data::Error::from)?)
         }
         kind => {
             let path = d

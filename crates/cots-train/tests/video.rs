@@ -111,7 +111,9 @@ fn a_video_run_trains_resumes_exactly_and_evaluates() {
     assert_eq!(report.modality, "video");
     assert_eq!(report.n_images, test.items.len());
     assert_eq!(report.n_texts, 2 * test.items.len());
-    let twin = report.hard_negative_accuracy.expect("twins are in the test split");
+    let twin = report
+        .hard_negative_accuracy
+        .expect("twins are in the test split");
     assert!((0.0..=100.0).contains(&twin), "{twin}");
     assert!(report.t2i.at(1).is_some() && report.i2t.at(10).is_some());
 }
@@ -259,7 +261,10 @@ fn every_trainable_variable_gets_a_gradient_in_video_mode() {
             }
         }
     }
-    assert!(bad.is_empty(), "variables without a usable gradient: {bad:#?}");
+    assert!(
+        bad.is_empty(),
+        "variables without a usable gradient: {bad:#?}"
+    );
 }
 
 #[test]

@@ -370,11 +370,7 @@ pub fn clear_earlier_demo(out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn write_reports(
-    report: &cots_eval::RetrievalReport,
-    json: &Path,
-    md: &Path,
-) -> Result<()> {
+pub fn write_reports(report: &cots_eval::RetrievalReport, json: &Path, md: &Path) -> Result<()> {
     std::fs::write(json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     std::fs::write(md, report.to_markdown())

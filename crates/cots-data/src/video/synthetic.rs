@@ -370,9 +370,8 @@ pub fn render_clip(cfg: &SyntheticVideoConfig, clip: &ClipSpec) -> Vec<RgbImage>
     // The drawing depends on the twin pair and variant, not on which
     // twin is asked for, so that the twins are exact reversals.
     let pair = format!("{}-{}-{}", clip.shape.name(), colour.name(), event.slug());
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        cfg.seed ^ fnv1a(&pair) ^ (u64::from(clip.variant) << 48),
-    );
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(&pair) ^ (u64::from(clip.variant) << 48));
     let mut frames = draw(cfg, clip.shape, colour, event, &mut rng);
     if reverse {
         frames.reverse();
