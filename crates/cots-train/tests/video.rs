@@ -298,3 +298,43 @@ fn video_configs_are_checked() {
         "{e}"
     );
 }
+
+/// A JSONL video manifest becomes a dataset of video items; a missing video
+/// is an error naming the manifest, or, under `on_bad_input = "skip"`, is
+/// left out.
+#[test]
+fn a_video_manifest_loads_and_missing_files_are_named() {
+    use cots_data::video::encode::write_gif;
+    use cots_data::ImageSource;
+    let dir = tempfile::tempdir().unwrap();
+    let frames: Vec<_> = (0..4u8)
+        .map(|i| image::RgbImage::from_pixel(8, 8, image::Rgb([40 * i, 0, 0])))
+        .collect();
+    for name in ["a", "b"] {
+        write_gif(&dir.path().join(format!("{name}.gif")), &frames, 10).unwrap();
+    }
+    let manifest = dir.path().join("videos.jsonl");
+    std::fs::write(
+        &manifest,
+        concat!(
+            r#"{"video": "a.gif", "captions": ["a red fade"], "split": "train"}"#,
+            "\n",
+            r#"{"video": "b.gif", "captions": ["another red fade"], "split": "test"}"#,
+            "\n",
+            r#"{"video": "gone.mp4", "captions": ["never written"], "split": "test"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let mut cfg = config(dir.path(), 1, Mode::Mean);
+    cfg.data.kind = "video_manifest".into();
+    cfg.data.path = Some(manifest.clone());
+    cfg.validate().unwrap();
+    let e = load_dataset(&cfg).unwrap_err().to_string();
+    assert!(e.contains("videos.jsonl") && e.contains("gone.mp4"), "{e}");
+    cfg.data.on_bad_input = cots_data::loader::SkipPolicy::Skip;
+    let data = load_dataset(&cfg).unwrap();
+    assert_eq!(data.items.len(), 2);
+    assert!(matches!(&data.items[1].source, ImageSource::Video(p) if p.ends_with("b.gif")));
+    assert_eq!(data.items[1].split, cots_data::Split::Test);
+}
