@@ -345,6 +345,17 @@ mod tests {
     }
 
     #[test]
+    fn video_demo_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/demo-video.toml");
+        let cfg = RunConfig::load(&path).unwrap();
+        assert!(cfg.is_video());
+        assert_eq!(cfg.data.image.frames, Some(4));
+        assert_eq!(cfg.model.temporal, cots_encoders::temporal::Mode::Mean);
+        let round: RunConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(round, cfg);
+    }
+
+    #[test]
     fn home_paths_expand_and_lr_scales_are_checked() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/emoji-minilm.toml");
         let cfg = RunConfig::load(&path).unwrap();
