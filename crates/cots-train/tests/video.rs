@@ -338,3 +338,63 @@ fn a_video_manifest_loads_and_missing_files_are_named() {
     assert!(matches!(&data.items[1].source, ImageSource::Video(p) if p.ends_with("b.gif")));
     assert_eq!(data.items[1].split, cots_data::Split::Test);
 }
+
+/// A video run started from an image-text run (`model.init`) takes its
+/// towers, momentum copy included, and starts the temporal head fresh.
+#[test]
+fn a_video_run_starts_from_an_image_run() {
+    let dev = Device::Cpu;
+    let image_dir = tempfile::tempdir().unwrap();
+    let mut image: RunConfig = toml::from_str(
+        r#"
+        [model]
+        preset = "tiny"
+        [data]
+        kind = "synthetic"
+        batch_size = 8
+        max_text_len = 16
+        [data.synthetic]
+        train = 16
+        val = 4
+        test = 4
+        [train]
+        steps = 1
+        eval_every = 0
+        [objectives.queue]
+        size = 16
+        [objectives.amf]
+        enabled = false
+        [[objectives.objectives]]
+        kind = "itc"
+        "#,
+    )
+    .unwrap();
+    image.train.out = image_dir.path().to_path_buf();
+    Trainer::new(image, &dev, false).unwrap().run(true).unwrap();
+    let ckpt = cots_train::checkpoint::latest(&image_dir.path().join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let (tensors, _) = cots_train::checkpoint::load(&ckpt).unwrap();
+
+    let video_dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(video_dir.path(), 1, TRANSFORMER);
+    cfg.model.init = Some(image_dir.path().to_path_buf());
+    let trainer = Trainer::new(cfg, &dev, false).unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let online = cots_train::model::sorted_vars(&trainer.system.online);
+    let momentum = cots_train::model::sorted_vars(&trainer.system.momentum_vars);
+    for name in [
+        "model.vision.embeddings.cls_token",
+        "model.text.embeddings.word_embeddings.weight",
+        "model.vision_proj.weight",
+    ] {
+        let want = values(&tensors[&format!("online.{name}")]);
+        let on = online.iter().find(|(n, _)| n == name).unwrap();
+        let mo = momentum.iter().find(|(n, _)| n == name).unwrap();
+        assert_eq!(values(on.1.as_tensor()), want, "{name}");
+        assert_eq!(values(mo.1.as_tensor()), want, "momentum {name}");
+    }
+    assert!(online
+        .iter()
+        .any(|(n, _)| n.starts_with("model.temporal.encoder.layer.0.")));
+}
