@@ -398,3 +398,51 @@ fn a_video_run_starts_from_an_image_run() {
         .iter()
         .any(|(n, _)| n.starts_with("model.temporal.encoder.layer.0.")));
 }
+
+/// `data.kind = "msrvtt"`: the 1k-A join from a run config, through the
+/// same missing-file policy as the other video kinds.
+#[test]
+fn msrvtt_annotations_load_from_a_run_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("MSRVTT_data.json"),
+        r#"{"videos": [{"video_id": "video0", "split": "train"},
+                       {"video_id": "video1", "split": "train"},
+                       {"video_id": "video7", "split": "test"}],
+            "sentences": [{"caption": "a man sings", "video_id": "video0"},
+                          {"caption": "a cat jumps", "video_id": "video1"},
+                          {"caption": "cars race", "video_id": "video7"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(d.join("train.csv"), "video_id\nvideo0\nvideo1\n").unwrap();
+    std::fs::write(
+        d.join("test.csv"),
+        "key,vid_key,video_id,sentence\nret0,msr7,video7,cars race\n",
+    )
+    .unwrap();
+    let videos = d.join("videos");
+    std::fs::create_dir(&videos).unwrap();
+    std::fs::write(videos.join("video0.mp4"), b"").unwrap();
+    std::fs::create_dir(videos.join("video7")).unwrap(); // a frame folder
+    let mut cfg = config(d, 1, Mode::Mean);
+    cfg.data.kind = "msrvtt".into();
+    cfg.data.path = Some(d.join("MSRVTT_data.json"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("[data.msrvtt]"));
+    cfg.data.msrvtt = Some(cots_train::config::MsrvttFiles {
+        train_list: d.join("train.csv"),
+        test_csv: d.join("test.csv"),
+    });
+    cfg.data.root = Some(videos);
+    let e = load_dataset(&cfg).unwrap_err().to_string();
+    assert!(e.contains("train.csv") && e.contains("video1"), "{e}");
+    cfg.data.on_bad_input = cots_data::loader::SkipPolicy::Skip;
+    let data = load_dataset(&cfg).unwrap();
+    assert_eq!(data.items.len(), 2);
+    assert_eq!(data.items[1].captions, vec!["cars race"]);
+    assert_eq!(data.items[1].split, cots_data::Split::Test);
+}
