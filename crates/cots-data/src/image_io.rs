@@ -9,6 +9,8 @@ use std::path::Path;
 use image::{imageops::FilterType, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use crate::video::synthetic::{render_clip, SyntheticVideoConfig};
+use crate::video::{decode_sampled, sample_indices, DecodeOptions, SampleMode};
 use crate::{synthetic, Error, ImageSource, Result};
 
 /// Input size and normalisation of the image tower.
@@ -20,6 +22,11 @@ pub struct ImageConfig {
     /// 0.5 / 0.5 maps pixels to [-1, 1].
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// `Some(n)`: the model takes videos, `n` frames sampled per clip (TSN
+    /// segments: random in training, centred in evaluation), and a still
+    /// image becomes a clip of `n` copies of itself. `None`: single images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames: Option<usize>,
 }
 
 impl Default for ImageConfig {
@@ -28,6 +35,7 @@ impl Default for ImageConfig {
             size: 64,
             mean: [0.5; 3],
             std: [0.5; 3],
+            frames: None,
         }
     }
 }
@@ -144,10 +152,15 @@ pub fn to_chw(img: &RgbImage, cfg: &ImageConfig) -> Vec<f32> {
     out
 }
 
-/// The RGB image of a source at the configured size.
+/// The RGB image of a source at the configured size; a video gives its
+/// centre frame.
 pub fn load_rgb(source: &ImageSource, cfg: &ImageConfig) -> Result<RgbImage> {
     match source {
         ImageSource::Path(p) => Ok(resize_center_crop(&decode(p)?, cfg.size)),
+        ImageSource::Video(_) | ImageSource::SyntheticClip { .. } => {
+            let mut frames = load_clip_frames(source, 1, SampleMode::Eval, cfg)?;
+            Ok(frames.remove(0))
+        }
         ImageSource::Synthetic { scene, seed } => {
             let r = synthetic::render(scene, cfg.size, *seed);
             Ok(RgbImage::from_raw(r.width as u32, r.height as u32, r.data)
@@ -156,9 +169,60 @@ pub fn load_rgb(source: &ImageSource, cfg: &ImageConfig) -> Result<RgbImage> {
     }
 }
 
-/// The model input of a source: `[3, size, size]` values, CHW order.
+/// The model input of a source in evaluation: `[3, size, size]` values, CHW
+/// order, or `[frames, 3, size, size]` (centre frames) when the config has
+/// [`ImageConfig::frames`].
 pub fn load_pixels(source: &ImageSource, cfg: &ImageConfig) -> Result<Vec<f32>> {
-    Ok(to_chw(&load_rgb(source, cfg)?, cfg))
+    match cfg.frames {
+        Some(n) => load_clip(source, n, SampleMode::Eval, cfg),
+        None => Ok(to_chw(&load_rgb(source, cfg)?, cfg)),
+    }
+}
+
+/// `n` frames of a source sampled with `mode`, fitted to the configured size.
+/// Only the sampled frames of a video file are decoded; a still image is
+/// repeated `n` times.
+pub fn load_clip_frames(
+    source: &ImageSource,
+    n: usize,
+    mode: SampleMode,
+    cfg: &ImageConfig,
+) -> Result<Vec<RgbImage>> {
+    if n == 0 {
+        return Err(Error::Config("a clip needs at least one frame".into()));
+    }
+    match source {
+        ImageSource::Video(path) => {
+            let opts = DecodeOptions::square(cfg.size as u32);
+            Ok(decode_sampled(path, n, mode, &opts)?.frames)
+        }
+        ImageSource::SyntheticClip { clip, set } => {
+            // Drawn at the model's size, so no frame is resampled.
+            let set = SyntheticVideoConfig {
+                size: cfg.size as u32,
+                ..set.clone()
+            };
+            let frames = render_clip(&set, clip);
+            Ok(sample_indices(frames.len(), n, mode)
+                .into_iter()
+                .map(|i| resize_center_crop(&frames[i], cfg.size))
+                .collect())
+        }
+        ImageSource::Path(_) | ImageSource::Synthetic { .. } => Ok(vec![load_rgb(source, cfg)?; n]),
+    }
+}
+
+/// The model input of [`load_clip_frames`]: `[n, 3, size, size]` values.
+pub fn load_clip(
+    source: &ImageSource,
+    n: usize,
+    mode: SampleMode,
+    cfg: &ImageConfig,
+) -> Result<Vec<f32>> {
+    Ok(load_clip_frames(source, n, mode, cfg)?
+        .iter()
+        .flat_map(|f| to_chw(f, cfg))
+        .collect())
 }
 
 #[cfg(test)]

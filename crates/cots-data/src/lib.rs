@@ -78,13 +78,31 @@ pub enum Split {
     Test,
 }
 
-/// Where an item's pixels come from.
+impl From<video::Split> for Split {
+    fn from(s: video::Split) -> Self {
+        match s {
+            video::Split::Train => Split::Train,
+            video::Split::Val => Split::Val,
+            video::Split::Test => Split::Test,
+        }
+    }
+}
+
+/// Where an item's pixels come from: an image, or a video (a clip of frames).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ImageSource {
     /// A file (PNG, JPEG, WebP, GIF, SVG).
     Path(PathBuf),
     /// A synthetic scene rendered with the given jitter seed.
     Synthetic { scene: synthetic::Scene, seed: u64 },
+    /// A video: a file ffmpeg reads, an animated GIF or WebP, or a folder of
+    /// frames (see [`video::decode`]).
+    Video(PathBuf),
+    /// A clip of the embedded synthetic video set, rendered on demand.
+    SyntheticClip {
+        clip: Box<video::synthetic::ClipSpec>,
+        set: video::synthetic::SyntheticVideoConfig,
+    },
 }
 
 impl ImageSource {
@@ -93,7 +111,17 @@ impl ImageSource {
         match self {
             ImageSource::Path(p) => p.display().to_string(),
             ImageSource::Synthetic { seed, .. } => format!("synthetic scene #{seed}"),
+            ImageSource::Video(p) => p.display().to_string(),
+            ImageSource::SyntheticClip { clip, .. } => format!("synthetic clip {}", clip.id),
         }
+    }
+
+    /// Whether the source is a video rather than a still image.
+    pub fn is_video(&self) -> bool {
+        matches!(
+            self,
+            ImageSource::Video(_) | ImageSource::SyntheticClip { .. }
+        )
     }
 }
 
@@ -138,6 +166,78 @@ impl Dataset {
             }
         }
         Self { items }
+    }
+
+    /// The embedded synthetic video set (all splits): one item per clip,
+    /// with its captions; a clip and its time-reversed twin share a split.
+    ///
+    /// Captions name a concept (shape, colour, event), not a drawing, so the
+    /// drawings of one concept share an item id (the objectives treat them
+    /// as positives of each other), and the validation and test splits keep
+    /// one drawing per concept (variant 0): a second one would be a
+    /// duplicate no model could rank below the first.
+    pub fn synthetic_video(cfg: &video::synthetic::SyntheticVideoConfig) -> Self {
+        let set = video::synthetic::SyntheticVideoSet::new(cfg);
+        // The first caption names the concept (it differs between any two).
+        let mut concepts: std::collections::HashMap<&str, u32> = Default::default();
+        let items = set
+            .clips()
+            .iter()
+            .filter(|clip| clip.split == video::Split::Train || clip.variant == 0)
+            .map(|clip| Item {
+                id: {
+                    let next = concepts.len() as u32;
+                    *concepts.entry(clip.captions[0].as_str()).or_insert(next)
+                },
+                captions: clip.captions.clone(),
+                split: clip.split.into(),
+                category: Some(clip.event.family().to_string()),
+                source: ImageSource::SyntheticClip {
+                    clip: Box::new(clip.clone()),
+                    set: cfg.clone(),
+                },
+            })
+            .collect();
+        Self { items }
+    }
+
+    /// Videos resolved from a video manifest or MSR-VTT annotations, one
+    /// item per video (ids in record order).
+    pub fn from_videos(records: &[video::VideoRecord]) -> Self {
+        let items = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Item {
+                id: i as u32,
+                source: ImageSource::Video(r.video.clone()),
+                captions: r.captions.clone(),
+                split: r.split.into(),
+                category: None,
+            })
+            .collect();
+        Self { items }
+    }
+
+    /// For sets of synthetic clips: the index of each item's time-reversed
+    /// twin among these items, or `None` when some item is not a synthetic
+    /// clip or its twin is not here.
+    pub fn twins(&self) -> Option<Vec<usize>> {
+        let index: std::collections::HashMap<&str, usize> = self
+            .items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, it)| match &it.source {
+                ImageSource::SyntheticClip { clip, .. } => Some((clip.id.as_str(), i)),
+                _ => None,
+            })
+            .collect();
+        self.items
+            .iter()
+            .map(|it| match &it.source {
+                ImageSource::SyntheticClip { clip, .. } => index.get(clip.twin.as_str()).copied(),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The items of one split (ids are kept).

@@ -21,7 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::image_io::{load_rgb, random_resized_crop, to_chw, ImageConfig};
+use crate::image_io::{load_clip, load_rgb, random_resized_crop, to_chw, ImageConfig};
+use crate::video::SampleMode;
 use crate::{Dataset, Error, Result};
 
 /// Batch size, order and input shapes.
@@ -37,6 +38,7 @@ pub struct LoaderConfig {
     pub image: ImageConfig,
     /// Random resized crop `(min, max)` area fractions for training; `None`
     /// (the default) uses resize + centre crop, which keeps "left of" true.
+    /// Images only: clips are always fitted by resize + centre crop.
     pub random_crop: Option<(f32, f32)>,
     /// What to do with an image that cannot be read.
     pub on_bad_input: SkipPolicy,
@@ -85,7 +87,8 @@ pub struct LoaderPosition {
 /// One batch of pairs, on the CPU.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    /// `[B, 3, H, W]` f32, normalised.
+    /// `[B, 3, H, W]` f32, normalised; `[B, T, 3, H, W]` for clips
+    /// ([`ImageConfig::frames`]).
     pub pixels: Tensor,
     /// `[B, L]` u32.
     pub input_ids: Tensor,
@@ -128,6 +131,26 @@ fn pixels_for(
     for attempt in 0..n {
         let idx = (i + attempt) % n;
         let source = &data.items[idx].source;
+        if let Some(frames) = cfg.image.frames {
+            // A clip: TSN sampling seeded by the sample's place in the order.
+            let mode = SampleMode::Train {
+                seed: cfg.seed,
+                epoch: position.epoch,
+                index: slot as u64,
+            };
+            match load_clip(source, frames, mode, &cfg.image) {
+                Ok(pixels) => return Ok((idx, pixels, skipped)),
+                Err(e) if cfg.on_bad_input == SkipPolicy::Skip => {
+                    skipped.push(Skipped {
+                        source: source.describe(),
+                        reason: e.to_string(),
+                    });
+                    err = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let rgb = match (cfg.random_crop, source) {
             (Some(scale), _) => load_rgb(
                 source,
@@ -199,7 +222,10 @@ pub fn make_batch(
     let (input_ids, attention_mask) = tokens.to_tensors(&Device::Cpu)?;
     let b = pairs.len();
     let s = cfg.image.size;
-    let pixels = Tensor::from_vec(pixels.concat(), (b, 3, s, s), &Device::Cpu)?;
+    let pixels = match cfg.image.frames {
+        Some(t) => Tensor::from_vec(pixels.concat(), (b, t, 3, s, s), &Device::Cpu)?,
+        None => Tensor::from_vec(pixels.concat(), (b, 3, s, s), &Device::Cpu)?,
+    };
     let image_ids: Vec<u32> = pairs.iter().map(|&(i, _)| data.items[i].id).collect();
     Ok(Batch {
         pixels,

@@ -517,3 +517,98 @@ fn synthetic_motion_goes_the_way_the_caption_says() {
         }
     }
 }
+
+/// The loader's clips are the slow path's: each item rendered, its frames
+/// chosen by TSN sampling seeded with `(seed, epoch, slot)`, normalised; a
+/// video file in a dataset evaluates on its centre frames; and the synthetic
+/// set's drawings of one concept share an id while test keeps one drawing.
+#[test]
+fn the_loader_batches_clips_sampled_like_the_reference() -> TestResult {
+    use cots_data::image_io::{load_pixels, to_chw, ImageConfig};
+    use cots_data::{Dataset, ImageSource, Loader, LoaderConfig, LoaderPosition};
+    use std::sync::Arc;
+
+    let set = SyntheticVideoConfig {
+        frames: 9,
+        size: 16,
+        variants: 2,
+        seed: 4,
+    };
+    let all = Dataset::synthetic_video(&set);
+    let test = all.split(cots_data::Split::Test)?;
+    let variants = |d: &Dataset| {
+        d.items
+            .iter()
+            .filter_map(|it| match &it.source {
+                ImageSource::SyntheticClip { clip, .. } => Some(clip.variant),
+                _ => None,
+            })
+            .collect::<std::collections::BTreeSet<u32>>()
+    };
+    assert_eq!(variants(&test), [0].into());
+    let train = all.split(cots_data::Split::Train)?;
+    assert_eq!(variants(&train), [0, 1].into());
+    let ids: std::collections::BTreeSet<u32> = train.items.iter().map(|i| i.id).collect();
+    assert_eq!(
+        ids.len() * 2,
+        train.items.len(),
+        "two drawings per concept id"
+    );
+    assert!(test.twins().is_some());
+
+    let image = ImageConfig {
+        size: 16,
+        frames: Some(3),
+        ..ImageConfig::default()
+    };
+    let words: Vec<String> = all
+        .items
+        .iter()
+        .flat_map(|i| i.captions.iter())
+        .flat_map(|c| c.split(' ').map(str::to_string))
+        .collect();
+    let tok = Arc::new(cots_encoders::tokenizer::TextTokenizer::from_words(&words)?);
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        seed: 11,
+        image: image.clone(),
+        ..LoaderConfig::default()
+    };
+    let train = Arc::new(train);
+    let mut loader = Loader::new(train.clone(), tok, cfg.clone(), LoaderPosition::default())?;
+    let _ = loader.next_batch()?;
+    let batch = loader.next_batch()?;
+    assert_eq!(batch.pixels.dims(), &[4, 3, 3, 16, 16]);
+    let got = batch.pixels.flatten_all()?.to_vec1::<f32>()?;
+    let per = 3 * 3 * 16 * 16;
+    for (s, &i) in batch.item_indices.iter().enumerate() {
+        let ImageSource::SyntheticClip { clip, set } = &train.items[i].source else {
+            panic!("not a clip");
+        };
+        let frames = SyntheticVideoSet::new(set).render(clip);
+        let slot = (batch.position.batch as usize * cfg.batch_size + s) as u64;
+        let mode = SampleMode::Train {
+            seed: cfg.seed,
+            epoch: batch.position.epoch,
+            index: slot,
+        };
+        let want: Vec<f32> = video::sample_indices(frames.len(), 3, mode)
+            .into_iter()
+            .flat_map(|k| to_chw(&frames[k], &image))
+            .collect();
+        assert_eq!(&got[s * per..(s + 1) * per], want.as_slice(), "slot {s}");
+    }
+
+    // A GIF item evaluates on its centre frames, like decode_sampled's.
+    let dir = tempfile::tempdir()?;
+    let gif = dir.path().join("clip.gif");
+    write_gif(&gif, &numbered_frames(9, 16, 16), 10)?;
+    let pixels = load_pixels(&ImageSource::Video(gif.clone()), &image)?;
+    let want: Vec<f32> = decode_sampled(&gif, 3, SampleMode::Eval, &DecodeOptions::square(16))?
+        .frames
+        .iter()
+        .flat_map(|f| to_chw(f, &image))
+        .collect();
+    assert_eq!(pixels, want);
+    Ok(())
+}

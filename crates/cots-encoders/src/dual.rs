@@ -16,7 +16,9 @@ use crate::Result;
 /// Inference-mode (no dropout) embedding of images and texts.
 pub trait DualEncoder {
     /// # Shapes
-    /// - `pixels`: `[B, C, H, W]`; output `[B, E]`, L2-normalised.
+    /// - `pixels`: `[B, C, H, W]`, or `[B, T, C, H, W]` clips for a model
+    ///   with a temporal head (a COTS video model); output `[B, E]`,
+    ///   L2-normalised.
     fn embed_images(&self, pixels: &Tensor) -> Result<Tensor>;
     /// # Shapes
     /// - `ids`, `mask`: `[B, L]` (mask 1 keep, 0 pad); output `[B, E]`.

@@ -67,6 +67,12 @@ fn default_mlp_ratio() -> usize {
 fn default_eps() -> f64 {
     1e-12
 }
+fn default_position_scale() -> f64 {
+    1.0
+}
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
 
 /// Temporal aggregator hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -86,6 +92,15 @@ pub struct Config {
     pub dropout: f64,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// The frame positions are added as `position_scale * table`. A table
+    /// initialised like BERT's (std 0.02) is tiny next to LayerNormed frame
+    /// features (std 1), so a fresh head is nearly blind to order and, with
+    /// image features that do not yet tell frames apart, gets almost no
+    /// gradient to become otherwise; a scale of 50 starts the positions at
+    /// the features' size and lets them move as fast (a reparametrisation,
+    /// like a learning-rate multiplier that also scales the init).
+    #[serde(default = "default_position_scale", skip_serializing_if = "is_one")]
+    pub position_scale: f64,
 }
 
 impl Default for Config {
@@ -97,6 +112,7 @@ impl Default for Config {
             mlp_ratio: default_mlp_ratio(),
             dropout: 0.0,
             layer_norm_eps: default_eps(),
+            position_scale: default_position_scale(),
         }
     }
 }
@@ -142,6 +158,12 @@ impl Config {
 
     /// Checks the constraints the module relies on.
     pub fn validate(&self) -> Result<()> {
+        if !(self.position_scale.is_finite() && self.position_scale > 0.0) {
+            return Err(Error::Config(format!(
+                "temporal: position_scale {} must be positive",
+                self.position_scale
+            )));
+        }
         if self.hidden == 0 || self.num_frames == 0 {
             return Err(Error::Config(
                 "temporal: hidden and num_frames must be positive".into(),
@@ -164,6 +186,7 @@ struct TemporalTransformer {
     encoder: BertEncoder,
     readout: Readout,
     num_frames: usize,
+    position_scale: f64,
 }
 
 /// Aggregates `[B, T, D]` frame features into `[B, D]` video features.
@@ -199,6 +222,7 @@ impl TemporalPool {
                     encoder: BertEncoder::new(&bert_cfg, vb.pp("encoder"))?,
                     readout,
                     num_frames: cfg.num_frames,
+                    position_scale: cfg.position_scale,
                 })
             }
             _ => None,
@@ -238,7 +262,7 @@ impl TemporalPool {
             )));
         }
         let positions = Tensor::arange(0u32, t as u32, frame_feats.device())?;
-        let positions = tr.positions.forward(&positions)?.unsqueeze(0)?;
+        let positions = (tr.positions.forward(&positions)? * tr.position_scale)?.unsqueeze(0)?;
         let x = frame_feats.broadcast_add(&positions)?;
         match (&tr.cls, tr.readout) {
             (Some(cls), Readout::Cls) => {

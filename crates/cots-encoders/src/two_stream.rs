@@ -16,6 +16,7 @@ use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{self, linear, BertModel, Pooling};
+use crate::temporal::{self, TemporalPool};
 use crate::vit::{self, VisionTransformer};
 use crate::{Error, Result};
 
@@ -51,6 +52,11 @@ pub struct Config {
     /// checkpoints such as all-MiniLM-L6-v2 were trained for).
     #[serde(default = "cls")]
     pub text_pooling: Pooling,
+    /// The temporal head of a video model (frame features aggregated over
+    /// time); `None` for an image model. Its `hidden` must equal the image
+    /// tower's width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporal: Option<temporal::Config>,
 }
 
 impl Config {
@@ -63,6 +69,7 @@ impl Config {
             temp_init: default_temp(),
             max_text_len: 32,
             text_pooling: Pooling::Cls,
+            temporal: None,
         }
     }
 
@@ -75,6 +82,7 @@ impl Config {
             temp_init: default_temp(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
+            temporal: None,
         }
     }
 
@@ -87,6 +95,7 @@ impl Config {
             temp_init: default_temp(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
+            temporal: None,
         }
     }
 
@@ -101,6 +110,15 @@ impl Config {
                 "temp_init {} is outside [{TEMP_MIN}, {TEMP_MAX}]",
                 self.temp_init
             )));
+        }
+        if let Some(t) = &self.temporal {
+            t.validate()?;
+            if t.hidden != self.vision.hidden_size {
+                return Err(Error::Config(format!(
+                    "temporal.hidden {} must equal the image tower's width {}",
+                    t.hidden, self.vision.hidden_size
+                )));
+            }
         }
         if self.max_text_len < 3 || self.max_text_len > self.text.max_position_embeddings {
             return Err(Error::Config(format!(
@@ -170,9 +188,11 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// The image tower's output.
 #[derive(Clone, Debug)]
 pub struct ImageOutput {
-    /// `[B, 1 + N, Dv]`, after the final LayerNorm; index 0 is CLS.
+    /// `[B, 1 + N, Dv]`, after the final LayerNorm; index 0 is CLS. For
+    /// clips, `[B, T, Dv]`: the CLS state of every frame.
     pub hidden: Tensor,
-    /// `[B, E]`, L2-normalised projection of the CLS state.
+    /// `[B, E]`, L2-normalised projection of the CLS state (of the
+    /// temporally aggregated frame CLS states, for clips).
     pub embed: Tensor,
 }
 
@@ -193,6 +213,7 @@ pub struct TwoStream {
     vision_proj: Linear,
     text_proj: Linear,
     temp: Tensor,
+    temporal: Option<TemporalPool>,
     cfg: Config,
 }
 
@@ -205,6 +226,10 @@ impl TwoStream {
             vision_proj: linear(cfg.vision.hidden_size, cfg.embed_dim, vb.pp("vision_proj"))?,
             text_proj: linear(cfg.text.hidden_size, cfg.embed_dim, vb.pp("text_proj"))?,
             temp: vb.get_with_hints((), "temp", Init::Const(cfg.temp_init))?,
+            temporal: match &cfg.temporal {
+                Some(t) => Some(TemporalPool::new(t, vb.pp("temporal"))?),
+                None => None,
+            },
             cfg: cfg.clone(),
         })
     }
@@ -218,21 +243,54 @@ impl TwoStream {
         Ok(self.temp.clamp(TEMP_MIN, TEMP_MAX)?)
     }
 
-    /// Encodes images; `rng = Some(..)` means training (dropout active).
+    /// Encodes images, or clips when the model has a temporal head;
+    /// `rng = Some(..)` means training (dropout active).
+    ///
+    /// A clip's frames all go through the image tower (one batch of `B * T`
+    /// images, shared weights); their CLS states are aggregated over time by
+    /// the temporal head and the result is projected like an image's CLS.
     ///
     /// # Shapes
-    /// - `pixels`: `[B, C, H, W]`; `mask`: `[B, N]` patch mask (see
-    ///   [`VisionTransformer::forward`]); output hidden `[B, 1 + N, Dv]`,
-    ///   embed `[B, E]`.
+    /// - `pixels`: `[B, C, H, W]` images or `[B, T, C, H, W]` clips; `mask`:
+    ///   `[B, N]` patch mask (images only, see [`VisionTransformer::forward`]);
+    ///   output hidden `[B, 1 + N, Dv]` (clips: `[B, T, Dv]`), embed `[B, E]`.
     pub fn encode_image(
         &self,
         pixels: &Tensor,
         mask: Option<&Tensor>,
         rng: Option<&SeededRng>,
     ) -> Result<ImageOutput> {
+        if pixels.rank() == 5 {
+            return self.encode_clip(pixels, mask, rng);
+        }
         let hidden = self.vision.forward(pixels, mask, rng)?;
         let embed = self.project_image(&hidden.get_on_dim(1, 0)?)?;
         Ok(ImageOutput { hidden, embed })
+    }
+
+    fn encode_clip(
+        &self,
+        pixels: &Tensor,
+        mask: Option<&Tensor>,
+        rng: Option<&SeededRng>,
+    ) -> Result<ImageOutput> {
+        let (b, t, c, h, w) = pixels.dims5()?;
+        let Some(temporal) = &self.temporal else {
+            return Err(Error::Config(format!(
+                "pixels [{b}, {t}, {c}, {h}, {w}] are clips, but this model has no temporal head \
+                 (an image model)"
+            )));
+        };
+        if mask.is_some() {
+            return Err(Error::Config(
+                "masked vision modeling is not supported on clips".into(),
+            ));
+        }
+        let frames = pixels.reshape((b * t, c, h, w))?;
+        let cls = self.vision.forward(&frames, None, rng)?.get_on_dim(1, 0)?;
+        let cls = cls.reshape((b, t, ()))?;
+        let embed = self.project_image(&temporal.forward(&cls, rng)?)?;
+        Ok(ImageOutput { hidden: cls, embed })
     }
 
     /// Encodes texts; `rng = Some(..)` means training (dropout active).

@@ -252,3 +252,102 @@ fn config_round_trips_and_defaults_to_mean() -> TestResult {
     );
     Ok(())
 }
+
+/// A clip batch `[B, T, 3, H, W]` through the two-stream model equals the
+/// slow path: every frame alone through the image tower, its CLS state kept,
+/// the states of a clip stacked and aggregated by a temporal head built over
+/// the same variables, then projected and normalised.
+#[test]
+fn clips_encode_like_their_frames_one_at_a_time() -> TestResult {
+    use cots_encoders::two_stream::{self, l2_normalize, TwoStream};
+    let dev = Device::Cpu;
+    for (seed, mode) in [(21, Mode::Mean), (22, transformer(Readout::Mean))] {
+        let base = two_stream::Config::tiny(40);
+        let hidden = base.vision.hidden_size;
+        let temporal = Config {
+            mode,
+            num_frames: 4,
+            hidden,
+            ..Config::default()
+        };
+        let cfg = two_stream::Config {
+            temporal: Some(temporal.clone()),
+            ..base
+        };
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let model = TwoStream::new(&cfg, vb.clone())?;
+        randomise_matrices(&vm)?;
+        // The same variables, looked up again by name.
+        let pool = TemporalPool::new(&temporal, vb.pp("temporal"))?;
+        let (b, t, s) = (2, 3, cfg.vision.image_size);
+        let v: Vec<f32> = SeededRng::new(seed)
+            .uniform(b * t * 3 * s * s)
+            .into_iter()
+            .map(|u| 2.0 * u - 1.0)
+            .collect();
+        let clips = Tensor::from_vec(v, (b, t, 3, s, s), &dev)?;
+        let got = model.encode_image(&clips, None, None)?;
+        assert_eq!(got.hidden.dims(), &[b, t, hidden]);
+
+        let mut want = Vec::new();
+        for i in 0..b {
+            let mut cls = Vec::new();
+            for f in 0..t {
+                let frame = clips.get(i)?.get(f)?.unsqueeze(0)?;
+                let h = model.vision().forward(&frame, None, None)?;
+                cls.push(h.get_on_dim(1, 0)?);
+            }
+            let stacked = Tensor::stack(&cls, 1)?; // [1, T, D]
+            let pooled = pool.forward(&stacked, None)?;
+            want.push(model.project_image(&pooled)?);
+        }
+        let want = l2_normalize(&Tensor::cat(&want, 0)?)?;
+        let diff = max_abs_diff(&got.embed, &want)?;
+        assert!(diff < 1e-4, "{mode:?}: clip path differs by {diff}");
+    }
+    // An image model refuses clips rather than misreading them.
+    let image_model = TwoStream::new(
+        &cots_encoders::two_stream::Config::tiny(40),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+    )?;
+    let clips = Tensor::zeros((1, 2, 3, 32, 32), DType::F32, &dev)?;
+    let e = image_model
+        .encode_image(&clips, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("temporal head"), "{e}");
+    Ok(())
+}
+
+/// `position_scale` is a reparametrisation: scale `s` over table `P` gives
+/// what scale 1 over table `s P` gives.
+#[test]
+fn position_scale_equals_a_scaled_table() -> TestResult {
+    let x = feats(31)?;
+    let build_scaled = |scale: f64| -> Result<(VarMap, TemporalPool), Box<dyn std::error::Error>> {
+        let vm = VarMap::new();
+        let cfg = Config {
+            mode: transformer(Readout::Mean),
+            num_frames: 8,
+            hidden: D,
+            position_scale: scale,
+            ..Config::default()
+        };
+        let pool = TemporalPool::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        randomise_matrices(&vm)?;
+        set_positions(&vm, 5, 0.02)?;
+        Ok((vm, pool))
+    };
+    let (_, scaled) = build_scaled(50.0)?;
+    let (vm, plain) = build_scaled(1.0)?;
+    set_positions(&vm, 5, 0.02 * 50.0)?;
+    let diff = max_abs_diff(&scaled.forward(&x, None)?, &plain.forward(&x, None)?)?;
+    assert!(diff < 1e-4, "{diff}");
+    let bad = Config {
+        position_scale: 0.0,
+        ..Config::transformer(D, 4)
+    };
+    assert!(bad.validate().is_err());
+    Ok(())
+}

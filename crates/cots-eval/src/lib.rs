@@ -117,6 +117,11 @@ pub struct RetrievalReport {
     pub t2i: DirectionReport,
     /// Sum of every recall of both directions.
     pub rsum: f64,
+    /// On galleries where each item has a designated hard negative (the
+    /// synthetic video set's time-reversed twins): see
+    /// [`hard_negative_accuracy`]. Filled by the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_negative_accuracy: Option<f64>,
 }
 
 impl RetrievalReport {
@@ -135,6 +140,7 @@ impl RetrievalReport {
             i2t,
             t2i,
             rsum,
+            hard_negative_accuracy: None,
         }
     }
 
@@ -165,6 +171,12 @@ impl RetrievalReport {
             "\nRSUM {:.1} over {} {}s and {} texts.\n",
             self.rsum, self.n_images, self.modality, self.n_texts
         );
+        if let Some(a) = self.hard_negative_accuracy {
+            s += &format!(
+                "\nCaption scored above its {}'s hard negative: {a:.1}% (50 is chance).\n",
+                self.modality
+            );
+        }
         s
     }
 
@@ -196,8 +208,67 @@ impl fmt::Display for RetrievalReport {
             f,
             "RSUM {:.1}  ({} {}s, {} texts)",
             self.rsum, self.n_images, self.modality, self.n_texts
-        )
+        )?;
+        if let Some(a) = self.hard_negative_accuracy {
+            write!(
+                f,
+                "\ncaption above its {}'s hard negative: {a:.1}% (50 is chance)",
+                self.modality
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// Pairwise accuracy against designated hard negatives, in percent: the
+/// share of captions `j` whose score with their own item `t = text_to_image[j]`
+/// beats their score with `hard_negative[t]`; an exact tie counts one half.
+/// On the synthetic video set the hard negative is the time-reversed twin,
+/// which holds the same frames: an order-blind model scores 50.
+///
+/// # Shapes
+/// - `images`: `[N, D]`, `texts`: `[M, D]`; `text_to_image` has length `M`
+///   and `hard_negative` length `N`, both with values below `N`.
+pub fn hard_negative_accuracy(
+    images: &Tensor,
+    texts: &Tensor,
+    text_to_image: &[usize],
+    hard_negative: &[usize],
+) -> Result<f64> {
+    let scorer = EmbeddingScorer::new(images, texts)?;
+    let (n, m) = (scorer.n_images(), scorer.n_texts());
+    if text_to_image.len() != m || hard_negative.len() != n {
+        return Err(Error::Shape(format!(
+            "{} caption targets for {m} captions, {} hard negatives for {n} items",
+            text_to_image.len(),
+            hard_negative.len()
+        )));
+    }
+    if m == 0 {
+        return Err(Error::Shape("no captions to score".into()));
+    }
+    let img = scorer.images.to_vec2::<f32>()?;
+    let txt = scorer.texts.to_vec2::<f32>()?;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut wins = 0.0;
+    for (j, &t) in text_to_image.iter().enumerate() {
+        let Some(&h) = hard_negative.get(t).filter(|&&h| h < n && t < n) else {
+            return Err(Error::BadTarget {
+                caption: j,
+                image: t.max(hard_negative.get(t).copied().unwrap_or(t)),
+                n_images: n,
+            });
+        };
+        let (own, other) = (dot(&img[t], &txt[j]), dot(&img[h], &txt[j]));
+        wins += if own > other {
+            1.0
+        } else if own == other {
+            0.5
+        } else {
+            0.0
+        };
+    }
+    Ok(100.0 * wins / m as f64)
 }
 
 /// A source of similarity scores between images and texts, by blocks.
@@ -576,6 +647,41 @@ mod tests {
     fn tensor(v: &[Vec<f32>]) -> Tensor {
         let d = v[0].len();
         Tensor::from_vec(v.concat(), (v.len(), d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn hard_negative_accuracy_matches_a_pairwise_count() {
+        for seed in 0..4 {
+            // Quantised coordinates: every score is exact, so ties are real.
+            let (mut img, txt, t2i) = random_case(seed, 12, true);
+            // Items 0 and 1 are identical: an order-blind model's twins.
+            img[1] = img[0].clone();
+            // 12 items: pairs (0, 1), (2, 3), ... are each other's hard negatives.
+            let hard: Vec<usize> = (0..img.len()).map(|i| i ^ 1).collect();
+            let sims = tensor(&img)
+                .matmul(&tensor(&txt).t().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let mut want = 0.0;
+            for (j, &t) in t2i.iter().enumerate() {
+                let (a, b) = (sims[t][j] as f64, sims[hard[t]][j] as f64);
+                want += match a.partial_cmp(&b).unwrap() {
+                    std::cmp::Ordering::Greater => 1.0,
+                    std::cmp::Ordering::Equal => 0.5,
+                    std::cmp::Ordering::Less => 0.0,
+                };
+            }
+            want *= 100.0 / t2i.len() as f64;
+            let got = hard_negative_accuracy(&tensor(&img), &tensor(&txt), &t2i, &hard).unwrap();
+            assert!((got - want).abs() < 1e-9, "seed {seed}: {got} vs {want}");
+        }
+        // Identical twins score exactly one half.
+        let img = vec![vec![1.0, 0.0], vec![1.0, 0.0]];
+        let txt = vec![vec![0.6, 0.8], vec![0.0, 1.0]];
+        let got = hard_negative_accuracy(&tensor(&img), &tensor(&txt), &[0, 1], &[1, 0]).unwrap();
+        assert_eq!(got, 50.0);
+        assert!(hard_negative_accuracy(&tensor(&img), &tensor(&txt), &[0, 1], &[1]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use cots_data::image_io::ImageConfig;
 use cots_data::synthetic::SyntheticConfig;
+use cots_data::video::synthetic::SyntheticVideoConfig;
 use cots_objectives::ObjectivesConfig;
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +34,18 @@ pub struct ModelSection {
     pub lock_text: bool,
     /// A visual tokenizer directory from `cots train-tokenizer` (needed by MVM).
     pub dvae: Option<PathBuf>,
-    /// A previous run directory to start from (fine-tuning).
+    /// A previous run directory to start from (fine-tuning). A video run
+    /// may start from an image-text run (how COTS gets its video results):
+    /// the towers are loaded and the temporal head, which an image run does
+    /// not have, keeps its fresh initialisation.
     pub init: Option<PathBuf>,
+    /// How a video model aggregates its frames' features over time (video
+    /// data only): `kind = "mean"` (the default) or `kind = "transformer"`
+    /// with `layers`, `heads` and optionally `readout = "mean" | "cls"`.
+    pub temporal: cots_encoders::temporal::Mode,
+    /// The transformer's frame-position scale
+    /// (`cots_encoders::temporal::Config::position_scale`).
+    pub temporal_position_scale: f64,
 }
 
 impl Default for ModelSection {
@@ -47,21 +58,46 @@ impl Default for ModelSection {
             lock_text: false,
             dvae: None,
             init: None,
+            temporal: cots_encoders::temporal::Mode::Mean,
+            temporal_position_scale: 1.0,
         }
     }
+}
+
+/// The data kinds whose items are videos.
+pub const VIDEO_KINDS: [&str; 3] = ["synthetic_video", "video_manifest", "msrvtt"];
+
+/// The MSR-VTT 1k-A files besides `data.path` (`MSRVTT_data.json`) and
+/// `data.root` (the folder of videos).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrvttFiles {
+    /// `MSRVTT_train.9k.csv` or `MSRVTT_train.7k.csv`.
+    pub train_list: PathBuf,
+    /// `MSRVTT_JSFUSION_test.csv`.
+    pub test_csv: PathBuf,
 }
 
 /// Where pairs come from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSection {
-    /// `synthetic`, `manifest` (JSONL) or `karpathy`.
+    /// Images: `synthetic`, `manifest` (JSONL) or `karpathy`. Videos (set
+    /// `image.frames`): `synthetic_video` (the embedded order-sensitive
+    /// clips), `video_manifest` (JSONL, see `cots_data::video::msrvtt`) or
+    /// `msrvtt` (`path` = `MSRVTT_data.json`, `root` = the video folder,
+    /// and `[data.msrvtt]`).
     pub kind: String,
     pub path: Option<PathBuf>,
     /// Relative image paths resolve against this directory (default: the
-    /// manifest's directory).
+    /// manifest's directory); the video folder for `msrvtt`.
     pub root: Option<PathBuf>,
     pub synthetic: SyntheticConfig,
+    /// The embedded video set (`kind = "synthetic_video"`); its frame size
+    /// follows `image.size`.
+    pub synthetic_video: SyntheticVideoConfig,
+    /// The 1k-A lists (`kind = "msrvtt"`).
+    pub msrvtt: Option<MsrvttFiles>,
     pub batch_size: usize,
     pub max_text_len: usize,
     pub image: ImageConfig,
@@ -82,6 +118,8 @@ impl Default for DataSection {
             path: None,
             root: None,
             synthetic: SyntheticConfig::default(),
+            synthetic_video: SyntheticVideoConfig::default(),
+            msrvtt: None,
             batch_size: 32,
             max_text_len: 32,
             image: ImageConfig::default(),
@@ -167,8 +205,18 @@ impl RunConfig {
         {
             *p = expand_home(p);
         }
+        if let Some(f) = &mut cfg.data.msrvtt {
+            for p in [&mut f.train_list, &mut f.test_csv] {
+                *p = expand_home(p);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether the run trains on videos (a video data kind).
+    pub fn is_video(&self) -> bool {
+        VIDEO_KINDS.contains(&self.data.kind.as_str())
     }
 
     pub fn to_toml(&self) -> Result<String> {
@@ -186,17 +234,53 @@ impl RunConfig {
                 self.model.preset
             ));
         }
-        if !["synthetic", "manifest", "karpathy"].contains(&self.data.kind.as_str()) {
+        if !["synthetic", "manifest", "karpathy"].contains(&self.data.kind.as_str())
+            && !self.is_video()
+        {
             return bad(format!(
-                "data.kind `{}` is not synthetic, manifest or karpathy",
+                "data.kind `{}` is not synthetic, manifest, karpathy, synthetic_video, \
+                 video_manifest or msrvtt",
                 self.data.kind
             ));
         }
-        if self.data.kind != "synthetic" && self.data.path.is_none() {
+        if !self.data.kind.starts_with("synthetic") && self.data.path.is_none() {
             return bad(format!(
                 "data.kind = \"{}\" needs data.path",
                 self.data.kind
             ));
+        }
+        if self.is_video() {
+            match self.data.image.frames {
+                None | Some(0) => {
+                    return bad(format!(
+                        "data.kind = \"{}\" is video: set data.image.frames (frames sampled \
+                         per clip, e.g. 8)",
+                        self.data.kind
+                    ))
+                }
+                Some(_) => {}
+            }
+            if self.data.random_crop.is_some() {
+                return bad("data.random_crop applies to images only; remove it for video".into());
+            }
+            if self.data.kind == "msrvtt" && self.data.msrvtt.is_none() {
+                return bad(
+                    "data.kind = \"msrvtt\" needs [data.msrvtt] train_list and test_csv".into(),
+                );
+            }
+        } else {
+            if self.data.image.frames.is_some() {
+                return bad(format!(
+                    "data.image.frames is for video data, but data.kind is `{}`",
+                    self.data.kind
+                ));
+            }
+            if self.model.temporal != cots_encoders::temporal::Mode::Mean {
+                return bad(format!(
+                    "model.temporal is for video data, but data.kind is `{}`",
+                    self.data.kind
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.data.noisy_pairs) {
             return bad(format!(
@@ -258,6 +342,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
+    }
+
+    #[test]
+    fn video_demo_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/demo-video.toml");
+        let cfg = RunConfig::load(&path).unwrap();
+        assert!(cfg.is_video());
+        assert_eq!(cfg.data.image.frames, Some(4));
+        assert_eq!(cfg.model.temporal, cots_encoders::temporal::Mode::Mean);
+        let round: RunConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(round, cfg);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use cots_encoders::decomposed::{self, Decomposed};
 use cots_encoders::dual::DualEncoder;
 use cots_encoders::tokenizer::TextTokenizer;
 use cots_encoders::two_stream::{self, TwoStream};
-use cots_eval::{evaluate_embeddings, EvalOptions, RetrievalReport};
+use cots_eval::{
+    evaluate_scorer, hard_negative_accuracy, EmbeddingScorer, EvalOptions, RetrievalReport,
+};
 use image::RgbImage;
 use rayon::prelude::*;
 
@@ -36,7 +38,9 @@ pub const DECOMPOSED_WEIGHTS: &str = "decomposed.safetensors";
 /// Images per encoder batch at inference.
 const BATCH: usize = 64;
 
-/// L2-normalised image embeddings `[N, E]` of `sources`, in order.
+/// L2-normalised image embeddings `[N, E]` of `sources`, in order; video
+/// embeddings when `image.frames` is set (each source a clip of that many
+/// centre-sampled frames).
 pub fn embed_images<M: DualEncoder + ?Sized>(
     model: &M,
     sources: &[ImageSource],
@@ -60,8 +64,8 @@ pub fn embed_decoded_images<M: DualEncoder + ?Sized>(
     })
 }
 
-/// Batches of `pixels(item)` (CHW values at the configured size) through the
-/// image tower.
+/// Batches of `pixels(item)` (CHW values at the configured size, `frames`
+/// of them per item for a video model) through the image tower.
 fn embed_image_batches<T: Sync, M: DualEncoder + ?Sized>(
     model: &M,
     items: &[T],
@@ -76,7 +80,11 @@ fn embed_image_batches<T: Sync, M: DualEncoder + ?Sized>(
             .map(&pixels)
             .collect::<std::result::Result<_, _>>()?;
         let n = chunk.len();
-        let t = Tensor::from_vec(pixels.concat(), (n, 3, image.size, image.size), device)?;
+        let s = image.size;
+        let t = match image.frames {
+            Some(f) => Tensor::from_vec(pixels.concat(), (n, f, 3, s, s), device)?,
+            None => Tensor::from_vec(pixels.concat(), (n, 3, s, s), device)?,
+        };
         // Detached: validation during training passes the online model, whose
         // weights are variables; an attached output would keep every batch's
         // activations alive through the autograd graph. (A `Run`'s model is
@@ -109,7 +117,10 @@ pub fn embed_texts<M: DualEncoder + ?Sized>(
     Ok(Tensor::cat(&out, 0)?)
 }
 
-/// Retrieval metrics of `model` on every image and caption of `data`.
+/// Retrieval metrics of `model` on every image (or video) and caption of
+/// `data`. On a set of synthetic clips with their time-reversed twins the
+/// report also holds the caption-versus-twin accuracy
+/// ([`cots_eval::hard_negative_accuracy`]).
 pub fn evaluate<M: DualEncoder + ?Sized>(
     model: &M,
     tokenizer: &TextTokenizer,
@@ -122,15 +133,22 @@ pub fn evaluate<M: DualEncoder + ?Sized>(
     let (texts, targets) = data.queries();
     let img = embed_images(model, &sources, image, device)?;
     let txt = embed_texts(model, tokenizer, &texts, max_len, device)?;
-    Ok(evaluate_embeddings(
-        &img,
-        &txt,
-        &targets,
-        &EvalOptions::default(),
-    )?)
+    let modality = if image.frames.is_some() {
+        "video"
+    } else {
+        "image"
+    };
+    let scorer = EmbeddingScorer::new(&img, &txt)?;
+    let mut report = evaluate_scorer(&scorer, &targets, &EvalOptions::default(), modality)?;
+    if let Some(twins) = data.twins() {
+        report.hard_negative_accuracy = Some(hard_negative_accuracy(&img, &txt, &targets, &twins)?);
+    }
+    Ok(report)
 }
 
 /// The two encoders a run serves.
+// One value per opened run: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Encoders {
     /// COTS's ViT and BERT towers.
     Cots(TwoStream),

@@ -20,10 +20,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use cots_data::masking::{block_mask, mlm_mask};
 use cots_data::synthetic::vocabulary;
+use cots_data::video::{self, MissingPolicy};
 use cots_data::{manifest, Dataset, Loader, LoaderConfig, LoaderPosition, Split};
 use cots_encoders::tokenizer::TextTokenizer;
-use cots_encoders::two_stream;
 use cots_encoders::weights::HfBertDir;
+use cots_encoders::{temporal, two_stream};
 use cots_eval::RetrievalReport;
 use cots_objectives::ObjectiveState;
 use cots_ops::SeededRng;
@@ -63,11 +64,54 @@ pub struct RunSummary {
 /// Loads the dataset a run config names.
 pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
     let d = &cfg.data;
+    let policy = match d.on_bad_input {
+        cots_data::loader::SkipPolicy::Fail => MissingPolicy::Error,
+        cots_data::loader::SkipPolicy::Skip => MissingPolicy::Skip,
+    };
+    let videos = |resolved: video::Resolved| {
+        if !resolved.skipped.is_empty() {
+            tracing::warn!(
+                "{} annotated videos have no file and were left out:",
+                resolved.skipped.len()
+            );
+            for s in resolved.skipped.iter().take(20) {
+                tracing::warn!("  {}: {}", s.id, s.reason);
+            }
+        }
+        Dataset::from_videos(&resolved.records)
+    };
     let data = match d.kind.as_str() {
         "synthetic" => Dataset::synthetic(&cots_data::synthetic::SyntheticConfig {
             image_size: d.image.size,
             ..d.synthetic.clone()
         }),
+        "synthetic_video" => Dataset::synthetic_video(&video::synthetic::SyntheticVideoConfig {
+            size: d.image.size as u32,
+            ..d.synthetic_video.clone()
+        }),
+        "video_manifest" => {
+            let path = d.path.as_ref().ok_or_else(|| {
+                Error::Config("data.kind = \"video_manifest\" needs data.path".into())
+            })?;
+            videos(video::msrvtt::read_manifest(path, policy).map_err(cots_data::Error::from)?)
+        }
+        "msrvtt" => {
+            let (Some(json), Some(files)) = (&d.path, &d.msrvtt) else {
+                return Err(Error::Config(
+                    "data.kind = \"msrvtt\" needs data.path (MSRVTT_data.json) and [data.msrvtt]"
+                        .into(),
+                ));
+            };
+            let dir = d
+                .root
+                .clone()
+                .or_else(|| json.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            videos(
+                video::msrvtt::msrvtt_1ka(json, &files.train_list, &files.test_csv, &dir, policy)
+                    .map_err(cots_data::Error::from)?,
+            )
+        }
         kind => {
             let path = d
                 .path
@@ -130,6 +174,18 @@ fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
         m.text.vocab_size = vocab;
     }
     m.max_text_len = cfg.data.max_text_len;
+    // A video run's temporal head reads the image tower's CLS states, one
+    // per sampled frame.
+    m.temporal = match (cfg.is_video(), cfg.data.image.frames) {
+        (true, Some(frames)) => Some(temporal::Config {
+            mode: cfg.model.temporal,
+            num_frames: frames,
+            hidden: m.vision.hidden_size,
+            position_scale: cfg.model.temporal_position_scale,
+            ..temporal::Config::default()
+        }),
+        _ => None,
+    };
     Ok(m)
 }
 
@@ -187,22 +243,17 @@ impl Trainer {
             );
         }
         if let Some(dir) = &cfg.model.init {
-            let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
-                Error::Checkpoint(format!("{} has no checkpoint to start from", dir.display()))
-            })?;
-            let (tensors, _) = checkpoint::load(&ckpt)?;
-            let model = checkpoint::strip(&tensors, "online");
-            cots_encoders::weights::load_tensors(
-                &system.online,
-                &model,
-                &ckpt,
-                &format!("{MODEL_PREFIX}."),
-                &[],
-            )?;
-            tracing::info!("towers initialised from {}", ckpt.display());
+            init_towers(&system, dir)?;
         }
         system.ema.copy_from_online()?;
         system.lock_text = cfg.model.lock_text;
+        if cfg.is_video() && system.objectives.needs().masked_image {
+            return Err(Error::Config(
+                "masked vision modeling is not supported on video data (MLM is: it reads the \
+                 text); remove MVM from the objectives"
+                    .into(),
+            ));
+        }
 
         let optim = AdamW::new(system.trainable(), &cfg.optim)?;
         let mut train = data.split(Split::Train)?;
@@ -558,6 +609,41 @@ impl Trainer {
             checkpoint: ckpt,
         })
     }
+}
+
+/// Loads the towers of the newest checkpoint of run `dir` into `system`'s
+/// online variables. A temporal head missing from the checkpoint (a video
+/// run started from an image-text run) keeps its fresh weights.
+fn init_towers(system: &System, dir: &Path) -> Result<()> {
+    let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
+        Error::Checkpoint(format!("{} has no checkpoint to start from", dir.display()))
+    })?;
+    let (tensors, _) = checkpoint::load(&ckpt)?;
+    let weights = checkpoint::strip(&checkpoint::strip(&tensors, "online"), MODEL_PREFIX);
+    let prefix = format!("{MODEL_PREFIX}.");
+    let temporal = format!("{prefix}temporal.");
+    let has_temporal = weights.keys().any(|k| k.starts_with("temporal."));
+    // A view of the variables to fill; they share storage with the system's.
+    let towers = candle_nn::VarMap::new();
+    {
+        let mut view = towers.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, var) in sorted_vars(&system.online) {
+            if name.starts_with(&prefix) && (has_temporal || !name.starts_with(&temporal)) {
+                view.insert(name, var);
+            }
+        }
+    }
+    cots_encoders::weights::load_tensors(&towers, &weights, &ckpt, &prefix, &[])?;
+    tracing::info!(
+        "towers initialised from {}{}",
+        ckpt.display(),
+        if has_temporal || system.cfg.temporal.is_none() {
+            ""
+        } else {
+            " (the temporal head starts fresh)"
+        }
+    );
+    Ok(())
 }
 
 /// Restores every checkpointed piece of state into a freshly built system.

@@ -79,12 +79,18 @@ fn cuda_driver_present() -> bool {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Where the demo run is written (replaced if it holds an earlier demo).
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
+    /// Where the demo run is written (replaced if it holds an earlier demo);
+    /// default `runs/demo`, or `runs/demo-video` with `--video`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Training steps (the default fits in a few minutes on two cores).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Text-to-video instead: train on the embedded synthetic clips with mean
+    /// pooling and with the temporal transformer, and compare them on the
+    /// test split, where every clip meets its time-reversed twin.
+    #[arg(long)]
+    pub video: bool,
 }
 
 #[derive(Debug, Args)]
@@ -250,7 +256,7 @@ pub struct EmbedArgs {
 
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// The text query (omit with --image).
+    /// The text query (omit with --image or --video).
     pub query: Option<String>,
     #[arg(long)]
     pub run: PathBuf,
@@ -260,6 +266,11 @@ pub struct SearchArgs {
     /// Search captions with this image instead of a text query.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Search captions with this video (a file ffmpeg reads, an animated
+    /// GIF or WebP, or a folder of frames) instead of a text query; a video
+    /// run samples its frames, an image run takes the centre frame.
+    #[arg(long)]
+    pub video: Option<PathBuf>,
     #[arg(short, long, default_value_t = 5)]
     pub k: usize,
     /// Search even if the index was built by another checkpoint.
@@ -277,21 +288,16 @@ pub fn parse_split(s: &str) -> Result<Split> {
 }
 
 pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
+    if a.video {
+        return crate::demo_video::demo_video(ctx, &a);
+    }
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/demo"));
     let mut cfg: RunConfig = toml::from_str(DEMO_CONFIG).context("the embedded demo config")?;
-    cfg.train.out = a.out.clone();
+    cfg.train.out = out.clone();
     if let Some(s) = a.steps {
         cfg.train.steps = s;
     }
-    if a.out.join("checkpoints").exists() {
-        if !a.out.join(cots_train::inference::CONFIG_FILE).exists() {
-            bail!(
-                "{} exists and is not a cots run: choose another --out",
-                a.out.display()
-            );
-        }
-        std::fs::remove_dir_all(&a.out)
-            .with_context(|| format!("clearing the earlier demo in {}", a.out.display()))?;
-    }
+    clear_earlier_demo(&out)?;
     println!(
         "COTS demo: training a {} two-stream model on the embedded synthetic scenes ({} steps of {} pairs)",
         cfg.model.preset, cfg.train.steps, cfg.data.batch_size
@@ -303,7 +309,7 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
         summary.steps,
         summary.seconds,
         summary.final_loss,
-        a.out.display()
+        out.display()
     );
     let report = trainer.evaluate(Split::Test)?;
     println!(
@@ -311,9 +317,9 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     );
     let chance = 100.0 / report.n_images as f64;
     println!("(chance text-to-image R@1 is {chance:.1}%)");
-    write_reports(&report, &a.out.join("eval.json"), &a.out.join("eval.md"))?;
+    write_reports(&report, &out.join("eval.json"), &out.join("eval.md"))?;
 
-    let run = Run::open(&a.out, &ctx.device)?;
+    let run = Run::open(&out, &ctx.device)?;
     let data = load_dataset(&run.cfg)?.split(Split::Test)?;
     let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
     let gallery = run.embed_images(&sources)?;
@@ -348,7 +354,23 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_reports(report: &cots_eval::RetrievalReport, json: &Path, md: &Path) -> Result<()> {
+/// Removes an earlier demo run in `out`, refusing to touch a directory that
+/// is not a cots run.
+pub fn clear_earlier_demo(out: &Path) -> Result<()> {
+    if out.join("checkpoints").exists() {
+        if !out.join(cots_train::inference::CONFIG_FILE).exists() {
+            bail!(
+                "{} exists and is not a cots run: choose another --out",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("clearing the earlier demo in {}", out.display()))?;
+    }
+    Ok(())
+}
+
+pub fn write_reports(report: &cots_eval::RetrievalReport, json: &Path, md: &Path) -> Result<()> {
     std::fs::write(json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     std::fs::write(md, report.to_markdown())
@@ -607,13 +629,23 @@ pub fn embed(ctx: &Ctx, a: EmbedArgs) -> Result<()> {
     std::fs::write(&side, serde_json::to_string_pretty(&meta)?)
         .with_context(|| format!("writing {}", side.display()))?;
     println!(
-        "embedded {} images and {} captions into {} (+ {})",
+        "embedded {} {} and {} captions into {} (+ {})",
         data.items.len(),
+        gallery_noun(&run),
         n,
         a.out.display(),
         side.display()
     );
     Ok(())
+}
+
+/// What a run's gallery holds: "videos" for a video run, else "images".
+fn gallery_noun(run: &Run) -> &'static str {
+    if run.cfg.data.image.frames.is_some() {
+        "videos"
+    } else {
+        "images"
+    }
 }
 
 pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
@@ -651,7 +683,13 @@ pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
             })
             .unwrap_or_default()
     };
-    let (query, gallery, labels, what) = match (&a.query, &a.image) {
+    let visual = match (&a.image, &a.video) {
+        (Some(p), None) => Some(ImageSource::Path(p.clone())),
+        (None, Some(p)) => Some(ImageSource::Video(p.clone())),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("give --image or --video, not both"),
+    };
+    let (query, gallery, labels, what) = match (&a.query, visual) {
         (Some(q), None) => {
             if q.trim().is_empty() {
                 bail!("the query is empty");
@@ -660,16 +698,16 @@ pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
                 run.embed_texts(std::slice::from_ref(q))?,
                 get("image_embeddings")?,
                 names("images"),
-                "images",
+                gallery_noun(&run),
             )
         }
-        (None, Some(p)) => (
-            run.embed_images(&[ImageSource::Path(p.clone())])?,
+        (None, Some(source)) => (
+            run.embed_images(&[source])?,
             get("text_embeddings")?,
             names("texts"),
             "captions",
         ),
-        _ => bail!("give either a text query or --image PATH"),
+        _ => bail!("give either a text query or --image PATH (or --video PATH)"),
     };
     let hits = &top_k(&query, &gallery, a.k)?[0];
     println!("top {} {what}:", hits.len());

@@ -312,13 +312,13 @@ fn dataset_items(
                 metadata.insert("category".to_string(), c.clone());
             }
             let path = match &it.source {
-                ImageSource::Path(p) => Some(
+                ImageSource::Path(p) | ImageSource::Video(p) => Some(
                     root.and_then(|r| p.strip_prefix(r).ok())
                         .unwrap_or(p)
                         .to_string_lossy()
                         .into_owned(),
                 ),
-                ImageSource::Synthetic { .. } => None,
+                ImageSource::Synthetic { .. } | ImageSource::SyntheticClip { .. } => None,
             };
             Pending {
                 item: Item {

@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod demo_video;
 mod emoji;
 mod index_cmd;
 mod serve_cmd;
@@ -38,7 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Train a small COTS on the embedded synthetic dataset, evaluate it on the
     /// held-out test split, and show a few searches. Needs no download; about
-    /// five to ten minutes on two CPU cores.
+    /// five to ten minutes on two CPU cores. With `--video`: text-to-video on
+    /// synthetic clips, mean pooling against the temporal transformer.
     Demo(commands::DemoArgs),
     /// Train from a run config (TOML). Checkpoints atomically, resumes with
     /// `--resume`, stops with a clear message on a NaN loss.

@@ -167,6 +167,7 @@ pub struct ClipSpec {
 
 /// Size and seed of the set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SyntheticVideoConfig {
     pub frames: usize,
     pub size: u32,
@@ -349,28 +350,33 @@ impl SyntheticVideoSet {
     /// Draws a clip: `frames` RGB images of `size` pixels. A non-canonical
     /// clip is its twin's frames reversed, drawn from the same random state.
     pub fn render(&self, clip: &ClipSpec) -> Vec<RgbImage> {
-        let (event, colour, reverse) = if clip.event.is_canonical() {
-            (clip.event, clip.colour, false)
-        } else {
-            let e = clip.event.reversed();
-            let c = match e {
-                Event::Turns { from, .. } => from,
-                _ => clip.colour,
-            };
-            (e, c, true)
-        };
-        // The drawing depends on the twin pair and variant, not on which
-        // twin is asked for, so that the twins are exact reversals.
-        let pair = format!("{}-{}-{}", clip.shape.name(), colour.name(), event.slug());
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.cfg.seed ^ fnv1a(&pair) ^ (u64::from(clip.variant) << 48),
-        );
-        let mut frames = draw(&self.cfg, clip.shape, colour, event, &mut rng);
-        if reverse {
-            frames.reverse();
-        }
-        frames
+        render_clip(&self.cfg, clip)
     }
+}
+
+/// [`SyntheticVideoSet::render`] without the listing: draws `clip` of the set
+/// configured by `cfg`.
+pub fn render_clip(cfg: &SyntheticVideoConfig, clip: &ClipSpec) -> Vec<RgbImage> {
+    let (event, colour, reverse) = if clip.event.is_canonical() {
+        (clip.event, clip.colour, false)
+    } else {
+        let e = clip.event.reversed();
+        let c = match e {
+            Event::Turns { from, .. } => from,
+            _ => clip.colour,
+        };
+        (e, c, true)
+    };
+    // The drawing depends on the twin pair and variant, not on which
+    // twin is asked for, so that the twins are exact reversals.
+    let pair = format!("{}-{}-{}", clip.shape.name(), colour.name(), event.slug());
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(&pair) ^ (u64::from(clip.variant) << 48));
+    let mut frames = draw(cfg, clip.shape, colour, event, &mut rng);
+    if reverse {
+        frames.reverse();
+    }
+    frames
 }
 
 /// Renders the canonical (forward) member of a twin pair.
