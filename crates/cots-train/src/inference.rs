@@ -52,7 +52,9 @@ pub fn embed_images<M: DualEncoder + ?Sized>(
 
 /// L2-normalised embeddings `[N, E]` of images already decoded (an upload
 /// to the search service, say), with the same resize, centre crop and
-/// normalisation as [`embed_images`] applies to a file.
+/// normalisation as [`embed_images`] applies to a file. A video model sees
+/// each image as a still clip (`frames` copies of it), as it sees an image
+/// file.
 pub fn embed_decoded_images<M: DualEncoder + ?Sized>(
     model: &M,
     images: &[RgbImage],
@@ -60,7 +62,7 @@ pub fn embed_decoded_images<M: DualEncoder + ?Sized>(
     device: &Device,
 ) -> Result<Tensor> {
     embed_image_batches(model, images, image, device, |img| {
-        Ok(to_chw(&resize_center_crop(img, image.size), image))
+        Ok(to_chw(&resize_center_crop(img, image.size), image).repeat(image.frames.unwrap_or(1)))
     })
 }
 

@@ -8,12 +8,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Subcommand};
 use cots_data::image_io::{self, ImageConfig};
+use cots_data::video::MissingPolicy;
 use cots_data::ImageSource;
 use cots_encoders::dual::DualEncoder;
 use cots_index::{AnnParams, Filter, Index, Item, ItemKind, Mode, Model, SearchOptions};
 use cots_train::config::RunConfig;
 use cots_train::inference::Run;
-use image::RgbImage;
 use rayon::prelude::*;
 
 use crate::commands::Ctx;
@@ -26,8 +26,8 @@ pub struct IndexArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum IndexAction {
-    /// Embed a folder, a JSONL manifest or a run config's dataset into a new
-    /// index. Resumable: rerun the same command after an interruption and
+    /// Embed a folder, a JSONL image or video manifest or a run config's
+    /// dataset into a new index. Resumable: rerun the same command after an interruption and
     /// the items already saved are not embedded again.
     Build(BuildArgs),
     /// Embed more images into an existing index (same run).
@@ -48,20 +48,28 @@ pub enum IndexAction {
 pub struct SourceArgs {
     /// Every image under this folder (PNG, JPEG, WebP, GIF, SVG), recursively;
     /// the id is the path below the folder without its extension, `/` as `_`.
-    #[arg(long, conflicts_with_all = ["manifest", "data_config"])]
+    /// With a video run (`data.image.frames` set) videos are taken too (MP4,
+    /// WebM, AVI, MKV, MOV through ffmpeg; GIF and WebP as animations).
+    #[arg(long, conflicts_with_all = ["manifest", "video_manifest", "data_config"])]
     pub folder: Option<PathBuf>,
     /// A JSONL manifest (`{"image", "captions", "split", "id", "category"}`
     /// per line; images relative to the manifest's folder).
-    #[arg(long, conflicts_with = "data_config")]
+    #[arg(long, conflicts_with_all = ["video_manifest", "data_config"])]
     pub manifest: Option<PathBuf>,
+    /// A JSONL video manifest (`{"id", "video", "captions", "split"}` per
+    /// line; videos relative to the manifest's folder); needs a video run.
+    /// The item ids are the manifest's video ids.
+    #[arg(long, conflicts_with = "data_config")]
+    pub video_manifest: Option<PathBuf>,
     /// The dataset of a run config (its `[data]` section; synthetic data too).
     #[arg(long)]
     pub data_config: Option<PathBuf>,
-    /// With --manifest or --data-config: only this split (train, val, test).
+    /// With a manifest or --data-config: only this split (train, val, test).
     #[arg(long)]
     pub split: Option<String>,
-    /// Skip images that fail to decode (counted and listed at the end)
-    /// instead of stopping at the first.
+    /// Skip images and videos that fail to decode, and videos a manifest
+    /// names that are missing (counted and listed at the end), instead of
+    /// stopping at the first.
     #[arg(long)]
     pub skip_bad: bool,
     /// Items embedded and saved per step (a crash loses at most one step).
@@ -187,51 +195,129 @@ pub fn index(ctx: &Ctx, args: IndexArgs) -> Result<()> {
     }
 }
 
+/// Refuses videos when `run` embeds single images.
+fn check_sources(run: &Run, pending: &[Pending]) -> Result<()> {
+    if run.image_config().frames.is_none() {
+        if let Some(p) = pending.iter().find(|p| p.source.is_video()) {
+            bail!(
+                "{} is a video, and {} embeds single images: index videos with a video run \
+                 (`data.image.frames` set, see configs/demo-video.toml)",
+                p.source.describe(),
+                run.dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One item to embed: its index entry and where its pixels come from.
 struct Pending {
     item: Item,
     source: ImageSource,
 }
 
-/// The items of `--folder`, `--manifest` or `--data-config`, and the root
-/// their relative paths are relative to.
-fn collect_items(s: &SourceArgs) -> Result<(Vec<Pending>, Option<PathBuf>)> {
-    match (&s.folder, &s.manifest, &s.data_config) {
-        (Some(dir), None, None) => {
+/// The items of `--folder`, `--manifest`, `--video-manifest` or
+/// `--data-config`, and the root their relative paths are relative to.
+/// `video`: the run takes clips (so `--folder` takes videos too).
+fn collect_items(s: &SourceArgs, video: bool) -> Result<(Vec<Pending>, Option<PathBuf>)> {
+    let manifest_root = |m: &Path| {
+        m.parent()
+            .unwrap_or(Path::new("."))
+            .canonicalize()
+            .with_context(|| format!("resolving the folder of {}", m.display()))
+    };
+    match (&s.folder, &s.manifest, &s.video_manifest, &s.data_config) {
+        (Some(dir), None, None, None) => {
             if s.split.is_some() {
-                bail!("--split applies to --manifest and --data-config, not --folder");
+                bail!("--split applies to manifests and --data-config, not --folder");
             }
             let root = dir
                 .canonicalize()
                 .with_context(|| format!("reading folder {}", dir.display()))?;
-            Ok((folder_items(&root)?, Some(root)))
+            Ok((folder_items(&root, video)?, Some(root)))
         }
-        (None, Some(m), None) => {
-            let root = m
-                .parent()
-                .unwrap_or(Path::new("."))
-                .canonicalize()
-                .with_context(|| format!("resolving the folder of {}", m.display()))?;
+        (None, Some(m), None, None) => {
+            let root = manifest_root(m)?;
             let data = cots_data::manifest::load_jsonl(m, &root)?;
             Ok((
                 dataset_items(data, s.split.as_deref(), Some(&root))?,
                 Some(root),
             ))
         }
-        (None, None, Some(c)) => {
+        (None, None, Some(m), None) => {
+            let root = manifest_root(m)?;
+            Ok((video_manifest_items(m, s, &root)?, Some(root)))
+        }
+        (None, None, None, Some(c)) => {
             let cfg = RunConfig::load(c)?;
             let data = cots_train::trainer::load_dataset(&cfg)?;
             Ok((dataset_items(data, s.split.as_deref(), None)?, None))
         }
         _ => bail!(
-            "give one of --folder DIR, --manifest FILE.jsonl or --data-config RUN_CONFIG.toml"
+            "give one of --folder DIR, --manifest FILE.jsonl, --video-manifest FILE.jsonl \
+             or --data-config RUN_CONFIG.toml"
         ),
     }
 }
 
-const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "webp", "gif", "svg", "bmp"];
+/// The videos of a JSONL video manifest, keyed by their video ids.
+fn video_manifest_items(m: &Path, s: &SourceArgs, root: &Path) -> Result<Vec<Pending>> {
+    let policy = if s.skip_bad {
+        MissingPolicy::Skip
+    } else {
+        MissingPolicy::Error
+    };
+    let resolved = cots_data::video::msrvtt::read_manifest(m, policy)?;
+    if !resolved.skipped.is_empty() {
+        println!(
+            "skipped {} video(s) of {} whose files are missing:",
+            resolved.skipped.len(),
+            m.display()
+        );
+        for k in resolved.skipped.iter().take(20) {
+            println!("  {}: {}", k.id, k.reason);
+        }
+    }
+    let split = s
+        .split
+        .as_deref()
+        .map(crate::commands::parse_split)
+        .transpose()?;
+    Ok(resolved
+        .records
+        .into_iter()
+        .filter(|r| split.is_none_or(|want| cots_data::Split::from(r.split) == want))
+        .map(|r| {
+            let split = format!("{:?}", cots_data::Split::from(r.split)).to_lowercase();
+            Pending {
+                item: Item {
+                    id: r.id,
+                    kind: ItemKind::Video,
+                    path: Some(relative(&r.video, Some(root))),
+                    captions: r.captions,
+                    metadata: BTreeMap::from([("split".to_string(), split)]),
+                },
+                source: ImageSource::Video(r.video),
+            }
+        })
+        .collect())
+}
 
-fn folder_items(root: &Path) -> Result<Vec<Pending>> {
+/// `p` relative to `root` when it lies below it.
+fn relative(p: &Path, root: Option<&Path>) -> String {
+    root.and_then(|r| p.strip_prefix(r).ok())
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+const IMAGE_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "webp", "gif", "svg", "bmp"];
+/// Taken by `--folder` for a video run (GIF and WebP become animations there).
+const VIDEO_EXTENSIONS: [&str; 5] = ["mp4", "webm", "avi", "mkv", "mov"];
+
+/// The images under `root` (and, for a video run, the videos: files ffmpeg
+/// reads, animated GIF and WebP).
+fn folder_items(root: &Path, video: bool) -> Result<Vec<Pending>> {
     let mut files = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -241,11 +327,11 @@ fn folder_items(root: &Path) -> Result<Vec<Pending>> {
                 .path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
+            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                let e = e.to_ascii_lowercase();
+                IMAGE_EXTENSIONS.contains(&e.as_str())
+                    || (video && VIDEO_EXTENSIONS.contains(&e.as_str()))
+            }) {
                 files.push(p);
             }
         }
@@ -270,22 +356,41 @@ fn folder_items(root: &Path) -> Result<Vec<Pending>> {
         if let Some(parent) = rel.parent().filter(|d| !d.as_os_str().is_empty()) {
             metadata.insert("folder".to_string(), parent.to_string_lossy().into_owned());
         }
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let is_video =
+            video && (VIDEO_EXTENSIONS.contains(&ext.as_str()) || ext == "gif" || ext == "webp");
         out.push(Pending {
             item: Item {
                 id,
-                kind: ItemKind::Image,
+                kind: if is_video {
+                    ItemKind::Video
+                } else {
+                    ItemKind::Image
+                },
                 path: Some(rel.to_string_lossy().into_owned()),
                 captions: Vec::new(),
                 metadata,
             },
-            source: ImageSource::Path(p),
+            source: if is_video {
+                ImageSource::Video(p)
+            } else {
+                ImageSource::Path(p)
+            },
         });
     }
     if out.is_empty() {
+        let mut exts = IMAGE_EXTENSIONS.to_vec();
+        if video {
+            exts.extend(VIDEO_EXTENSIONS);
+        }
         bail!(
-            "{} holds no images ({})",
+            "{} holds no images or videos ({})",
             root.display(),
-            IMAGE_EXTENSIONS.join(", ")
+            exts.join(", ")
         );
     }
     Ok(out)
@@ -312,18 +417,17 @@ fn dataset_items(
                 metadata.insert("category".to_string(), c.clone());
             }
             let path = match &it.source {
-                ImageSource::Path(p) | ImageSource::Video(p) => Some(
-                    root.and_then(|r| p.strip_prefix(r).ok())
-                        .unwrap_or(p)
-                        .to_string_lossy()
-                        .into_owned(),
-                ),
+                ImageSource::Path(p) | ImageSource::Video(p) => Some(relative(p, root)),
                 ImageSource::Synthetic { .. } | ImageSource::SyntheticClip { .. } => None,
             };
             Pending {
                 item: Item {
                     id: it.id.to_string(),
-                    kind: ItemKind::Image,
+                    kind: if it.source.is_video() {
+                        ItemKind::Video
+                    } else {
+                        ItemKind::Image
+                    },
                     path,
                     captions: it.captions,
                     metadata,
@@ -370,26 +474,36 @@ fn check_model(index: &Index, run: &Run, allow_mismatch: bool) -> Result<()> {
     Ok(())
 }
 
-/// One decoded image: the model's input and the thumbnail.
+/// One decoded item: the model's input (`[3, S, S]`, or `[frames, 3, S,
+/// S]` for a video run, where a still image is a clip of copies of itself)
+/// and the JPEG thumbnail (a video's centre frame).
 fn prepare(source: &ImageSource, cfg: &ImageConfig, thumb: u32) -> Result<(Vec<f32>, Vec<u8>)> {
-    let (input, full): (RgbImage, Option<RgbImage>) = match source {
+    let (pixels, full) = match source {
         ImageSource::Path(p) => {
             let img = image_io::decode(p)?;
-            (image_io::resize_center_crop(&img, cfg.size), Some(img))
+            let chw = image_io::to_chw(&image_io::resize_center_crop(&img, cfg.size), cfg);
+            (chw.repeat(cfg.frames.unwrap_or(1)), img)
         }
-        other => (image_io::load_rgb(other, cfg)?, None),
+        other => {
+            let pixels = image_io::load_pixels(other, cfg)?;
+            let at_thumb = ImageConfig {
+                size: (thumb as usize).max(cfg.size),
+                frames: None,
+                ..cfg.clone()
+            };
+            (pixels, image_io::load_rgb(other, &at_thumb)?)
+        }
     };
-    let full = full.as_ref().unwrap_or(&input);
     let small = if full.width().max(full.height()) > thumb {
-        image::imageops::thumbnail(full, thumb, thumb * full.height() / full.width().max(1))
+        image::imageops::thumbnail(&full, thumb, thumb * full.height() / full.width().max(1))
     } else {
-        full.clone()
+        full
     };
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
         .encode_image(&small)
         .with_context(|| format!("encoding the thumbnail of {}", source.describe()))?;
-    Ok((image_io::to_chw(&input, cfg), jpeg))
+    Ok((pixels, jpeg))
 }
 
 /// Embeds `pending` into `index`, `chunk` items at a time, each chunk saved
@@ -435,7 +549,7 @@ fn embed_into(
             }
         }
         if !items.is_empty() {
-            let vectors = embed_pixels(run, pixels, items.len(), cfg.size)?;
+            let vectors = embed_pixels(run, pixels, items.len(), &cfg)?;
             let n = items.len() as u64;
             index.add(items, &vectors, thumbs)?;
             bar.inc(n);
@@ -445,14 +559,20 @@ fn embed_into(
     Ok(bad)
 }
 
-/// Unit-normalised embeddings of `n` images given as CHW pixels.
-fn embed_pixels(run: &Run, pixels: Vec<f32>, n: usize, size: usize) -> Result<Vec<f32>> {
+/// Unit-normalised embeddings of `n` images (or clips of `cfg.frames`
+/// frames) given as CHW pixels.
+fn embed_pixels(run: &Run, pixels: Vec<f32>, n: usize, cfg: &ImageConfig) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(n * 256);
+    let s = cfg.size;
+    let frames = cfg.frames.unwrap_or(1);
     // Batches the size inference uses, so memory stays bounded on any device.
-    let per = 3 * size * size;
+    let per = frames * 3 * s * s;
     for batch in pixels.chunks(64 * per) {
         let b = batch.len() / per;
-        let t = Tensor::from_slice(batch, (b, 3, size, size), &run.device)?;
+        let t = match cfg.frames {
+            Some(f) => Tensor::from_slice(batch, (b, f, 3, s, s), &run.device)?,
+            None => Tensor::from_slice(batch, (b, 3, s, s), &run.device)?,
+        };
         let e = run.model.embed_images(&t)?;
         out.extend(e.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -473,7 +593,8 @@ fn report_bad(bad: &[String]) {
 
 fn build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
     let run = Run::open(&a.run, &ctx.device)?;
-    let (pending, root) = collect_items(&a.source)?;
+    let (pending, root) = collect_items(&a.source, run.image_config().frames.is_some())?;
+    check_sources(&run, &pending)?;
     let model = model_of(&run)?;
     let mut index = if a.out.join(cots_index::META_FILE).exists() {
         let index = Index::open(&a.out)?;
@@ -545,7 +666,8 @@ fn add(ctx: &Ctx, a: AddArgs) -> Result<()> {
             run.weights_hash
         );
     }
-    let (pending, _) = collect_items(&a.source)?;
+    let (pending, _) = collect_items(&a.source, run.image_config().frames.is_some())?;
+    check_sources(&run, &pending)?;
     let before = index.len();
     if let Some(p) = pending.iter().find(|p| index.item(&p.item.id).is_some()) {
         bail!(

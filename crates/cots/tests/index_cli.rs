@@ -276,3 +276,223 @@ fn build_search_add_remove_export() {
         "--allow-model-mismatch",
     ]);
 }
+
+/// A two-step run on the synthetic video set (clips of 3 frames at 32 px).
+fn tiny_video_run(out: &Path) {
+    let mut cfg: RunConfig = toml::from_str(
+        r#"
+        [model]
+        preset = "tiny"
+        [model.temporal]
+        kind = "transformer"
+        layers = 1
+        heads = 2
+        [data]
+        kind = "synthetic_video"
+        batch_size = 8
+        max_text_len = 16
+        [data.image]
+        size = 32
+        frames = 3
+        [data.synthetic_video]
+        frames = 9
+        variants = 1
+        [train]
+        log_every = 1
+        eval_every = 0
+        checkpoint_every = 2
+        [objectives.queue]
+        size = 16
+        [[objectives.objectives]]
+        kind = "itc"
+        "#,
+    )
+    .unwrap();
+    cfg.train.steps = 2;
+    cfg.train.out = out.to_path_buf();
+    Trainer::new(cfg, &Device::Cpu, false)
+        .unwrap()
+        .run(true)
+        .unwrap();
+}
+
+/// Writes an animated GIF whose frames step through `colours`.
+fn write_clip(path: &Path, colours: &[[u8; 3]]) {
+    let frames: Vec<_> = colours
+        .iter()
+        .map(|c| image::RgbImage::from_pixel(24, 16, image::Rgb(*c)))
+        .collect();
+    cots_data::video::encode::write_gif(path, &frames, 40).unwrap();
+}
+
+/// A video run indexes the videos of a JSONL video manifest under their
+/// ids (a missing one is an error naming it, or skipped on request) and a
+/// folder's animations as videos beside its still images; every stored
+/// vector is the run's own embedding of that source; an image run refuses
+/// videos.
+#[test]
+fn a_video_run_indexes_videos_from_a_manifest_and_a_folder() {
+    use cots_data::ImageSource;
+    use cots_index::ItemKind;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("video-run");
+    tiny_video_run(&run_dir);
+    let run = Run::open(&run_dir, &Device::Cpu).unwrap();
+    let run_s = run_dir.to_str().unwrap();
+
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    write_clip(
+        &videos.join("fade.gif"),
+        &[[200, 0, 0], [100, 0, 0], [0, 0, 0]],
+    );
+    write_clip(
+        &videos.join("turn.gif"),
+        &[[0, 0, 200], [0, 200, 0], [0, 200, 0]],
+    );
+    let manifest = videos.join("videos.jsonl");
+    std::fs::write(
+        &manifest,
+        concat!(
+            r#"{"id": "clip-fade", "video": "fade.gif", "captions": ["a red square fades out"], "split": "test"}"#,
+            "\n",
+            r#"{"id": "clip-turn", "video": "turn.gif", "captions": ["a blue square turns green"], "split": "test"}"#,
+            "\n",
+            r#"{"id": "clip-gone", "video": "gone.mp4", "captions": ["never written"], "split": "test"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let idx = tmp.path().join("idx");
+    let idx_s = idx.to_str().unwrap();
+    let m_s = manifest.to_str().unwrap();
+    let err = fails(&[
+        "index",
+        "build",
+        "--run",
+        run_s,
+        "--out",
+        idx_s,
+        "--video-manifest",
+        m_s,
+    ]);
+    assert!(
+        err.contains("videos.jsonl") && err.contains("gone.mp4"),
+        "{err}"
+    );
+    let out = ok(&[
+        "index",
+        "build",
+        "--run",
+        run_s,
+        "--out",
+        idx_s,
+        "--video-manifest",
+        m_s,
+        "--skip-bad",
+    ]);
+    assert!(
+        out.contains("skipped 1 video") && out.contains("clip-gone"),
+        "{out}"
+    );
+
+    // Still images and animations side by side in a folder.
+    let folder = tmp.path().join("more");
+    std::fs::create_dir_all(&folder).unwrap();
+    write_clip(
+        &folder.join("blink.gif"),
+        &[[250, 250, 0], [0, 0, 0], [250, 250, 0]],
+    );
+    image::RgbImage::from_pixel(20, 20, image::Rgb([0, 120, 240]))
+        .save(folder.join("still.png"))
+        .unwrap();
+    let folder_s = folder.to_str().unwrap();
+    ok(&[
+        "index", "add", "--index", idx_s, "--run", run_s, "--folder", folder_s,
+    ]);
+
+    let index = Index::open(&idx).unwrap();
+    assert_eq!(index.len(), 4);
+    for (id, kind, source) in [
+        (
+            "clip-fade",
+            ItemKind::Video,
+            ImageSource::Video(videos.join("fade.gif")),
+        ),
+        (
+            "clip-turn",
+            ItemKind::Video,
+            ImageSource::Video(videos.join("turn.gif")),
+        ),
+        (
+            "blink",
+            ItemKind::Video,
+            ImageSource::Video(folder.join("blink.gif")),
+        ),
+        (
+            "still",
+            ItemKind::Image,
+            ImageSource::Path(folder.join("still.png")),
+        ),
+    ] {
+        let (row, item) = index.item(id).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(item.kind, kind, "{id}");
+        let (thumb, _) = index.thumbnail(id).unwrap().expect("a thumbnail");
+        assert!(!thumb.is_empty());
+        let want = run.embed_images(&[source]).unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = index.vector(row).unwrap();
+        let diff = want
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{id}: stored vector differs by {diff}");
+    }
+    // An uploaded image (decoded already, as the search service gets one) is
+    // a still clip too: the same vector as the file.
+    let decoded = image::open(folder.join("still.png")).unwrap().to_rgb8();
+    let up = run.embed_decoded_images(&[decoded]).unwrap();
+    let up = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (row, _) = index.item("still").unwrap();
+    let diff = up
+        .iter()
+        .zip(index.vector(row).unwrap())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "upload differs by {diff}");
+    // A text query scores the stored clip vectors.
+    let text_hits = hits(&ok(&[
+        "index",
+        "search",
+        "--index",
+        idx_s,
+        "--run",
+        run_s,
+        "a blue square turns green",
+        "-k",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(text_hits.len(), 4);
+
+    // An image run cannot embed videos.
+    let image_run = tmp.path().join("image-run");
+    tiny_run(&image_run);
+    let err = fails(&[
+        "index",
+        "build",
+        "--run",
+        image_run.to_str().unwrap(),
+        "--out",
+        tmp.path().join("idx2").to_str().unwrap(),
+        "--video-manifest",
+        m_s,
+        "--skip-bad",
+    ]);
+    assert!(
+        err.contains("fade.gif") && err.contains("video run"),
+        "{err}"
+    );
+}
