@@ -329,6 +329,12 @@ impl CrossRun {
 
     /// Full single-stream retrieval on `data`: every pair scored.
     pub fn evaluate(&self, data: &Dataset) -> Result<RetrievalReport> {
+        self.evaluate_with(data, &EvalOptions::default())
+    }
+
+    /// [`Self::evaluate`] with other options (e.g. the dual-softmax row);
+    /// the similarity tile is always 64 query rows.
+    pub fn evaluate_with(&self, data: &Dataset, opts: &EvalOptions) -> Result<RetrievalReport> {
         let (_, targets) = data.queries();
         let scorer = self.scorer(data, 256)?;
         Ok(evaluate_scorer(
@@ -336,7 +342,7 @@ impl CrossRun {
             &targets,
             &EvalOptions {
                 block: 64,
-                ..EvalOptions::default()
+                ..opts.clone()
             },
             "image",
         )?)

@@ -122,7 +122,8 @@ pub fn embed_texts<M: DualEncoder + ?Sized>(
 /// Retrieval metrics of `model` on every image (or video) and caption of
 /// `data`. On a set of synthetic clips with their time-reversed twins the
 /// report also holds the caption-versus-twin accuracy
-/// ([`cots_eval::hard_negative_accuracy`]).
+/// ([`cots_eval::hard_negative_accuracy`]). `opts` chooses the recall
+/// cut-offs and the optional dual-softmax row.
 pub fn evaluate<M: DualEncoder + ?Sized>(
     model: &M,
     tokenizer: &TextTokenizer,
@@ -130,6 +131,7 @@ pub fn evaluate<M: DualEncoder + ?Sized>(
     image: &ImageConfig,
     max_len: usize,
     device: &Device,
+    opts: &EvalOptions,
 ) -> Result<RetrievalReport> {
     let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
     let (texts, targets) = data.queries();
@@ -141,7 +143,7 @@ pub fn evaluate<M: DualEncoder + ?Sized>(
         "image"
     };
     let scorer = EmbeddingScorer::new(&img, &txt)?;
-    let mut report = evaluate_scorer(&scorer, &targets, &EvalOptions::default(), modality)?;
+    let mut report = evaluate_scorer(&scorer, &targets, opts, modality)?;
     if let Some(twins) = data.twins() {
         report.hard_negative_accuracy = Some(hard_negative_accuracy(&img, &txt, &targets, &twins)?);
     }
@@ -268,6 +270,11 @@ impl Run {
     }
 
     pub fn evaluate(&self, data: &Dataset) -> Result<RetrievalReport> {
+        self.evaluate_with(data, &EvalOptions::default())
+    }
+
+    /// [`Self::evaluate`] with other options (e.g. the dual-softmax row).
+    pub fn evaluate_with(&self, data: &Dataset, opts: &EvalOptions) -> Result<RetrievalReport> {
         evaluate(
             &self.model,
             &self.tokenizer,
@@ -275,6 +282,7 @@ impl Run {
             &self.image_config(),
             self.model.max_text_len(),
             &self.device,
+            opts,
         )
     }
 }

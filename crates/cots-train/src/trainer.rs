@@ -470,6 +470,7 @@ impl Trainer {
             &self.cfg.data.image,
             self.cfg.data.max_text_len,
             &self.device,
+            &cots_eval::EvalOptions::default(),
         )
     }
 

@@ -9,7 +9,7 @@ use clap::Args;
 use cots_data::{Dataset, ImageSource, Split};
 use cots_encoders::decomposed::Pooling;
 use cots_encoders::dvae;
-use cots_eval::top_k;
+use cots_eval::{top_k, EvalOptions};
 use cots_objectives::bimodal::BimodalConfig;
 use cots_train::config::RunConfig;
 use cots_train::cross::{CrossRun, CrossTrainConfig};
@@ -238,6 +238,13 @@ pub struct EvalArgs {
     /// instead of the two-stream model of `--run`: every pair is scored.
     #[arg(long)]
     pub cross: Option<PathBuf>,
+    /// Also report retrieval after dual-softmax re-normalisation, in a
+    /// separate row: each score is weighted by its softmax over the other
+    /// side's test queries at this inverse temperature (100 when the flag is
+    /// given bare). Off by default: it uses every test query at once, so it
+    /// is not the score of one query answered alone.
+    #[arg(long, value_name = "INV_TEMP", num_args = 0..=1, default_missing_value = "100")]
+    pub dual_softmax: Option<f32>,
 }
 
 #[derive(Debug, Args)]
@@ -582,9 +589,13 @@ pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
 pub fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
     let run = Run::open(&a.run, &ctx.device)?;
     let data = dataset_for(&run, a.data_config.as_deref(), &a.split)?;
+    let opts = EvalOptions {
+        dual_softmax: a.dual_softmax,
+        ..EvalOptions::default()
+    };
     let report = match &a.cross {
-        Some(dir) => CrossRun::open(dir, &ctx.device)?.evaluate(&data)?,
-        None => run.evaluate(&data)?,
+        Some(dir) => CrossRun::open(dir, &ctx.device)?.evaluate_with(&data, &opts)?,
+        None => run.evaluate_with(&data, &opts)?,
     };
     println!("{report}");
     if let Some(p) = &a.json {
