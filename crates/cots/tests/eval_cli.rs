@@ -3,7 +3,9 @@
 //! library's re-normalisation applied to the embeddings `cots embed` writes.
 
 use std::path::Path;
-use std::process::{Command, Output};
+
+mod common;
+use common::{cots, ok};
 
 use candle_core::Device;
 use cots_eval::{dual_softmax, evaluate_scorer, EmbeddingScorer, EvalOptions, RetrievalReport};
@@ -29,24 +31,6 @@ size = 16
 [[objectives.objectives]]
 kind = "itc"
 "#;
-
-fn cots(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cots"))
-        .args(["--quiet", "--device", "cpu"])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = cots(args);
-    assert!(
-        out.status.success(),
-        "cots {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn report(path: &Path) -> RetrievalReport {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

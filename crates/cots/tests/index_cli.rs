@@ -5,7 +5,9 @@
 //! refusal to search with another checkpoint.
 
 use std::path::Path;
-use std::process::{Command, Output};
+
+mod common;
+use common::{fails, ok};
 
 use candle_core::Device;
 use cots_index::Index;
@@ -43,33 +45,6 @@ fn tiny_run(out: &Path) {
         .unwrap()
         .run(true)
         .unwrap();
-}
-
-fn cots(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_cots"))
-        .arg("--quiet")
-        .arg("--device")
-        .arg("cpu")
-        .args(args)
-        .output()
-        .unwrap();
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = cots(args);
-    assert!(
-        out.status.success(),
-        "cots {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = cots(args);
-    assert!(!out.status.success(), "cots {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
 }
 
 fn hits(json: &str) -> Vec<(String, f32)> {
