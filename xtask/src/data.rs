@@ -1,16 +1,18 @@
-//! `cargo xtask data emoji`: the multi-style emoji benchmark (docs/data-emoji.md).
+//! `cargo xtask data emoji` and `cargo xtask data emoji-video`: the
+//! multi-style emoji benchmark and its animated twin (docs/data-emoji.md).
 //!
 //! Fetches every npm package at its pinned version with `npm pack`, checks the
 //! tarball's SHA-512 against the registry's integrity (and the one pinned
 //! here, so that a changed upload is caught), unpacks what the builder reads
 //! with `tar`, records the checksums, then runs
-//! `cots build-emoji --packages <cache>/packages --out <out>`.
+//! `cots build-emoji --packages <cache>/packages --out <out>` (or
+//! `cots build-emoji-video`).
 //!
 //! Idempotent and cached: a tarball that passes its checksum is never
 //! downloaded again, an unpacked package is kept while its marker names the
-//! same integrity, and the builder keeps the images it already made. Nothing
-//! half-finished is used: a download lands in a temporary folder and is
-//! renamed only once verified, and a package is unpacked into
+//! same integrity, and the builder keeps the images and videos it already
+//! made. Nothing half-finished is used: a download lands in a temporary
+//! folder and is renamed only once verified, and a package is unpacked into
 //! `<name>.partial` and renamed when complete.
 
 use std::path::{Path, PathBuf};
@@ -23,11 +25,17 @@ use crate::util::{cargo, exec, root};
 
 const USAGE: &str = "\
 cargo xtask data emoji [--out DIR] [--cache DIR] [--size PX]
+cargo xtask data emoji-video [--out DIR] [--cache DIR] [--size PX] [--frames N]
 
-  --out DIR     the benchmark (default: data/emoji): manifest.jsonl, test-<style>.jsonl,
-                images/<style>/*.png, stats.json, LICENSES.md
-  --cache DIR   tarballs and unpacked packages (default: data/cache)
-  --size PX     side of the output images (default: 64, what the demo-sized model reads)
+  emoji         the multi-style image benchmark
+  emoji-video   the animated one (text-to-video), from @lobehub/fluent-emoji-anim-1..4
+
+  --out DIR     the benchmark (default: data/emoji or data/emoji-video): manifest.jsonl,
+                test galleries, images/ or videos/, stats.json, LICENSES.md
+  --cache DIR   tarballs and unpacked packages (default: data/cache, shared by both)
+  --size PX     side of the output images and frames (default: 64, what the demo-sized
+                model reads)
+  --frames N    emoji-video only: at most N evenly spaced frames per video (default: 16)
 
 Needs npm, tar and sha512sum (or shasum) on PATH and the npm registry reachable
 on the first run; later runs download nothing.
@@ -41,6 +49,8 @@ struct Package {
     integrity: &'static str,
     /// What the builder reads, relative to the package root (tar members).
     members: &'static [&'static str],
+    /// Member patterns left packed (tar `--exclude` wildcards).
+    exclude: &'static [&'static str],
 }
 
 const ICONIFY: &[&str] = &["package.json", "icons.json", "chars.json", "info.json"];
@@ -53,90 +63,145 @@ const PACKAGES: &[Package] = &[
         version: "17.0.0",
         integrity: "sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA==",
         members: &["package.json", "LICENSE", "en/data.json", "meta/groups.json"],
+        exclude: &[],
     },
     Package {
         name: "emoji-datasource",
         version: "16.0.0",
         integrity: "sha512-/qHKqK5Nr3+8zhgO6kHmF43Fm5C8HNn0AaFRIpgw8HF3+uF0Vfc8jgLI1ZQS5ba1vBzksS8NBCjHejwLb2D/Sg==",
         members: &["package.json", "LICENSE", "emoji.json"],
+        exclude: &[],
     },
     Package {
         name: "openmoji",
         version: "17.0.0",
         integrity: "sha512-EBnYrNGdcdw+OSXmENeNE1yBNRu6tOraTmoOyUbJkTmvT/+XETp8RZLSJFzD3lrPc5N9CzsyPnRTk0Vp4UaI9w==",
         members: &["package.json", "LICENSE.txt", "data/openmoji.json", "color/svg"],
+        exclude: &[],
     },
     Package {
         name: "emoji-datasource-google",
         version: "16.0.0",
         integrity: "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A==",
         members: &["package.json", "LICENSE", "img/google/64"],
+        exclude: &[],
     },
     Package {
         name: "emoji-datasource-twitter",
         version: "16.0.0",
         integrity: "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==",
         members: &["package.json", "LICENSE", "img/twitter/64"],
+        exclude: &[],
     },
     Package {
         name: "@lobehub/fluent-emoji-3d",
         version: "1.1.0",
         integrity: "sha512-Wlq2lVStTnr8BDpIJ0pEnTKO4LuDxxqTEhTvRtD1DLRF0me7ogeRQjKoehDHXuVJ2Qaecgl5wRBv60lUAG3h7g==",
         members: &["package.json", "assets"],
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/fluent-emoji",
         version: "1.2.7",
         integrity: "sha512-D8G6bKAyIsyxP1rzZtIWr/gg/fO4Rg1+DyCWlfqKK4h8W+4Em/Y0P6QYgJUQTlUcagzJvSyg+9OBv4hz4Hc/QA==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/fluent-emoji-flat",
         version: "1.2.6",
         integrity: "sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs/7yNGWqQYvuaSYM1M4fRXlUw==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/fluent-emoji-high-contrast",
         version: "1.2.6",
         integrity: "sha512-esqhZPpkrF7sNX3NsLoh8KW64okEr/bzko7WNnFP+qTJGAqDPDYjp0925yxuivXy3HtVQB8xhIKu3+Nq1byX5w==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/noto-v1",
         version: "1.2.5",
         integrity: "sha512-/DsVMius69Q0fRS53z7QK1TROSuar606jiIx+laXtdsYGMXpf6LtHBx6CGfoo3UHHb/XpBsw+1L1x3eyPqMuVA==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/emojione",
         version: "1.2.3",
         integrity: "sha512-T9+T3HIbJNLKKsmxYKlaYhvnHYkz/HNYTV7SHCXVZPfeUi4FqskY70YeN8yYAZT8cCv7w5vJxS4Q1m8zb9CMMg==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/emojione-v1",
         version: "1.2.3",
         integrity: "sha512-UjI2VQEXVtGlPBvQuxEizro7QCgBcJDOYwKUupquvvZ8UV4xOlvm45IU82JYWegiAWLerY79gFLMZ26U6Ms+ww==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/emojione-monotone",
         version: "1.2.1",
         integrity: "sha512-cZSNcPsuiAD6HCzCh/2dYKGh3pNI0jJlxBxQWfC33cQsPtqYZqulGBvlkThXYNvDl8VxgVHT9u+izyX/yeEIkA==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/streamline-emojis",
         version: "1.2.4",
         integrity: "sha512-iNr9T9XuZVTyQPJO8ZlLxBzPkpi7qMl+z1l0C31vpEMqhPMelth3n7CeWQYtixdetDPdI81yeG4ROqjWpYJE6A==",
         members: ICONIFY,
+        exclude: &[],
     },
     Package {
         name: "@iconify-json/fxemoji",
         version: "1.2.2",
         integrity: "sha512-UAasRaxzFUKfIGSmLwnoarsssA4LX0VLLuEmplIqM6ZNQqIQRtav8tZ4H1neTlBreXuMQyAifr5jP4kn78DpiQ==",
         members: ICONIFY,
+        exclude: &[],
+    },
+];
+
+/// The text packages of the static benchmark that the animated one reads too.
+const TEXT_PACKAGES: [&str; 3] = ["emojibase-data", "emoji-datasource", "openmoji"];
+
+/// Skin-tone variants are not concepts of the benchmark (the builder reads
+/// base emoji only); leaving them packed saves most of the 730 MB.
+const SKIN_TONE_VARIANTS: &[&str] = &["*-1f3f[b-f]*"];
+
+/// The animations (`cots_data::emoji_video::ANIM_PACKAGES`): animated WebP
+/// files under `assets/`, named by codepoint.
+const ANIM_PACKAGES: &[Package] = &[
+    Package {
+        name: "@lobehub/fluent-emoji-anim-1",
+        version: "1.0.0",
+        integrity: "sha512-/4m31vAuZEQ4aUJ5pxcOU5PVkuJya55GRxUZL7+zgLlxZXpzzE8jPqpDyhZICE3n47nS/Y9M5/vLdizi8201QA==",
+        members: &["package.json", "assets"],
+        exclude: SKIN_TONE_VARIANTS,
+    },
+    Package {
+        name: "@lobehub/fluent-emoji-anim-2",
+        version: "1.0.0",
+        integrity: "sha512-S6yzf0RZXrQbXdxCWuHA9BAoLdBRk2flX+ne4TPGEH/qApwisCAKHoAAGjKSlTY3OVeZ9b7t/NEbmpjawnQYJA==",
+        members: &["package.json", "assets"],
+        exclude: SKIN_TONE_VARIANTS,
+    },
+    Package {
+        name: "@lobehub/fluent-emoji-anim-3",
+        version: "1.0.0",
+        integrity: "sha512-UzRSUDMjdfdt9vER5bhjHkPqgc3EEgfGtYs6ndvizOTvQOxYQ57ow2RTkWSDZxwW30X4EYBi2eWTS7CXDDoFsg==",
+        members: &["package.json", "assets"],
+        exclude: SKIN_TONE_VARIANTS,
+    },
+    Package {
+        name: "@lobehub/fluent-emoji-anim-4",
+        version: "1.0.0",
+        integrity: "sha512-IIkl5ztSd1HrzvIDt/uGsFoC1WODXRdYq5uROrnkyqi9DbToEcJ1nlY86PnoUXeFS9nBCnHfiYk3ouSEGThFmA==",
+        members: &["package.json", "assets"],
+        exclude: SKIN_TONE_VARIANTS,
     },
 ];
 
@@ -145,7 +210,8 @@ const INTEGRITY_FILE: &str = "integrity.txt";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.split_first() {
-        Some((set, rest)) if set == "emoji" => emoji(rest),
+        Some((set, rest)) if set == "emoji" => emoji(rest, Set::Images),
+        Some((set, rest)) if set == "emoji-video" => emoji(rest, Set::Videos),
         None => {
             print!("{USAGE}");
             Ok(())
@@ -170,10 +236,39 @@ fn user_path(p: &str) -> Result<PathBuf> {
     })
 }
 
-fn emoji(args: &[String]) -> Result<()> {
-    let mut out = root().join("data/emoji");
+/// Which benchmark to build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Set {
+    Images,
+    Videos,
+}
+
+impl Set {
+    fn name(self) -> &'static str {
+        match self {
+            Set::Images => "emoji",
+            Set::Videos => "emoji-video",
+        }
+    }
+
+    /// The pinned packages the builder reads.
+    fn packages(self) -> Vec<&'static Package> {
+        match self {
+            Set::Images => PACKAGES.iter().collect(),
+            Set::Videos => PACKAGES
+                .iter()
+                .filter(|p| TEXT_PACKAGES.contains(&p.name))
+                .chain(ANIM_PACKAGES)
+                .collect(),
+        }
+    }
+}
+
+fn emoji(args: &[String], set: Set) -> Result<()> {
+    let mut out = root().join("data").join(set.name());
     let mut cache = root().join("data/cache");
     let mut size: Option<u32> = None;
+    let mut frames: Option<usize> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -187,11 +282,18 @@ fn emoji(args: &[String]) -> Result<()> {
                 let v = value()?;
                 size = Some(v.parse().with_context(|| format!("--size {v}"))?);
             }
+            "--frames" if set == Set::Videos => {
+                let v = value()?;
+                frames = Some(v.parse().with_context(|| format!("--frames {v}"))?);
+            }
             "-h" | "--help" => {
                 print!("{USAGE}");
                 return Ok(());
             }
-            other => bail!("unknown argument `{other}`\n\n{USAGE}"),
+            other => bail!(
+                "unknown argument `{other}` for `data {}`\n\n{USAGE}",
+                set.name()
+            ),
         }
     }
 
@@ -201,29 +303,40 @@ fn emoji(args: &[String]) -> Result<()> {
     for d in [&tarballs, &packages] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let mut lock = String::new();
-    for (i, p) in PACKAGES.iter().enumerate() {
-        let step = format!("[{}/{}] {}@{}", i + 1, PACKAGES.len(), p.name, p.version);
+    let list = set.packages();
+    let mut lock = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let step = format!("[{}/{}] {}@{}", i + 1, list.len(), p.name, p.version);
         let tgz = fetch(p, &tarballs, &step)?;
         unpack(p, &tgz, &packages, &step)?;
-        lock.push_str(&format!("{} {} {}\n", p.name, p.version, p.integrity));
+        lock.push(integrity_line(p));
     }
-    write_atomic(&packages.join(INTEGRITY_FILE), lock.as_bytes())?;
+    let lock_path = packages.join(INTEGRITY_FILE);
+    let earlier = std::fs::read_to_string(&lock_path).unwrap_or_default();
+    write_atomic(&lock_path, merge_integrity(&earlier, &lock).as_bytes())?;
     eprintln!(
         "packages ready in {:.0} s; building the benchmark",
         started.elapsed().as_secs_f64()
     );
 
-    let mut cmd = cargo(["run", "--release", "-p", "cots", "--", "build-emoji"]);
+    let command = match set {
+        Set::Images => "build-emoji",
+        Set::Videos => "build-emoji-video",
+    };
+    let mut cmd = cargo(["run", "--release", "-p", "cots", "--", command]);
     cmd.arg("--packages").arg(&packages).arg("--out").arg(&out);
     if let Some(s) = size {
         cmd.arg("--size").arg(s.to_string());
+    }
+    if let Some(f) = frames {
+        cmd.arg("--frames").arg(f.to_string());
     }
     exec(cmd)?;
     let (files, bytes) = disk_usage(&out)?;
     let (_, cache_bytes) = disk_usage(&cache)?;
     eprintln!(
-        "data emoji: {} ({} files, {:.1} MB; cache {:.1} MB) in {:.0} s",
+        "data {}: {} ({} files, {:.1} MB; cache {:.1} MB) in {:.0} s",
+        set.name(),
         out.display(),
         files,
         bytes as f64 / 1e6,
@@ -231,6 +344,31 @@ fn emoji(args: &[String]) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The `name version integrity` line of a package in the integrity file.
+fn integrity_line(p: &Package) -> String {
+    format!("{} {} {}", p.name, p.version, p.integrity)
+}
+
+/// The integrity file after a run: the earlier lines of packages this run
+/// did not fetch (the other benchmark's), in their order, then this run's
+/// lines. Both builders share the cache and read their packages from it.
+fn merge_integrity(earlier: &str, lines: &[String]) -> String {
+    let name = |l: &str| l.split_whitespace().next().unwrap_or_default().to_string();
+    let ours: Vec<String> = lines.iter().map(|l| name(l)).collect();
+    let mut out = String::new();
+    for l in earlier.lines() {
+        if !l.trim().is_empty() && !ours.contains(&name(l)) {
+            out.push_str(l.trim());
+            out.push('\n');
+        }
+    }
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 /// The tarball file name `npm pack` gives a package.
@@ -311,6 +449,7 @@ fn unpack(p: &Package, tgz: &Path, packages: &Path, step: &str) -> Result<()> {
         .arg("-C")
         .arg(&partial)
         .arg("--strip-components=1");
+    tar.args(p.exclude.iter().map(|x| format!("--exclude={x}")));
     tar.args(p.members.iter().map(|m| format!("package/{m}")));
     exec(tar)?;
     write_atomic(&partial.join(marker), p.integrity.as_bytes())?;
@@ -446,6 +585,46 @@ mod tests {
     }
 
     #[test]
+    fn each_set_pins_what_its_builder_reads() {
+        let names = |set: Set| set.packages().iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(names(Set::Images).len(), PACKAGES.len());
+        assert_eq!(
+            names(Set::Videos),
+            [
+                "emojibase-data",
+                "emoji-datasource",
+                "openmoji",
+                "@lobehub/fluent-emoji-anim-1",
+                "@lobehub/fluent-emoji-anim-2",
+                "@lobehub/fluent-emoji-anim-3",
+                "@lobehub/fluent-emoji-anim-4",
+            ]
+        );
+        assert_eq!(
+            tarball_name(&ANIM_PACKAGES[0]),
+            "lobehub-fluent-emoji-anim-1-1.0.0.tgz"
+        );
+    }
+
+    #[test]
+    fn the_integrity_file_keeps_the_other_sets_lines() {
+        let earlier = "emojibase-data 17.0.0 sha512-old==\nopenmoji 17.0.0 sha512-om==\n\n";
+        let merged = merge_integrity(
+            earlier,
+            &[
+                "emojibase-data 17.0.0 sha512-new==".into(),
+                "@lobehub/fluent-emoji-anim-1 1.0.0 sha512-a1==".into(),
+            ],
+        );
+        assert_eq!(
+            merged,
+            "openmoji 17.0.0 sha512-om==\nemojibase-data 17.0.0 sha512-new==\n\
+             @lobehub/fluent-emoji-anim-1 1.0.0 sha512-a1==\n"
+        );
+        assert_eq!(merge_integrity("", &[]), "");
+    }
+
+    #[test]
     fn npm_pack_json_fields_and_tarball_names() {
         let json = r#"[{"id": "a@1", "integrity" : "sha512-xyz==", "filename": "iconify-json-x-1.0.0.tgz",
                         "files": [{"path": "filename", "size": 1}]}]"#;
@@ -461,7 +640,7 @@ mod tests {
         let p = &PACKAGES[6];
         assert_eq!(p.name, "@iconify-json/fluent-emoji");
         assert_eq!(tarball_name(p), "iconify-json-fluent-emoji-1.2.7.tgz");
-        for p in PACKAGES {
+        for p in PACKAGES.iter().chain(ANIM_PACKAGES) {
             assert!(
                 p.integrity.starts_with("sha512-") && p.integrity.len() == 95,
                 "{}",

@@ -23,6 +23,8 @@ Commands:
                      args go to the speedup binary (try `cargo xtask speedup --help`)
   data emoji [args]  download, verify and build the multi-style emoji retrieval benchmark
                      into data/emoji (try `cargo xtask data emoji --help`)
+  data emoji-video [args]
+                     the same for the animated emoji text-to-video benchmark (data/emoji-video)
   fuzz [--seconds N] [TARGET...]
                      runs the dataset parsers' fuzz targets for N seconds each (nightly,
                      cargo-fuzz; see docs/fuzzing.md and `cargo xtask fuzz --help`)

@@ -284,7 +284,7 @@ pub const STYLES: &[Style] = &[
 ];
 
 /// The text packages: name, license, attribution.
-const TEXT_SOURCES: &[(&str, &str, &str)] = &[
+pub(crate) const TEXT_SOURCES: &[(&str, &str, &str)] = &[
     (
         EMOJIBASE,
         "MIT",
@@ -428,7 +428,7 @@ struct RawOpenMoji {
     openmoji_tags: String,
 }
 
-fn parse_json<T: DeserializeOwned>(src: &Source) -> Result<T> {
+pub(crate) fn parse_json<T: DeserializeOwned>(src: &Source) -> Result<T> {
     serde_json::from_str(&src.text).map_err(|e| Error::Manifest {
         path: src.path.clone(),
         line: e.line(),
@@ -1011,7 +1011,7 @@ pub fn render(input: &Input, size: u32) -> Result<RgbImage> {
     Ok(out)
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -1020,7 +1020,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Writes `bytes` to `path` through a temporary name, so that no reader (and
 /// no later run) ever sees a half-written file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -1098,7 +1098,7 @@ pub struct SplitCounts {
 }
 
 impl SplitCounts {
-    fn add(&mut self, split: Split) {
+    pub(crate) fn add(&mut self, split: Split) {
         match split {
             Split::Train => self.train += 1,
             Split::Val => self.val += 1,
@@ -1170,7 +1170,7 @@ struct Line<'a> {
     id: u32,
 }
 
-fn split_name(s: Split) -> &'static str {
+pub(crate) fn split_name(s: Split) -> &'static str {
     match s {
         Split::Train => "train",
         Split::Val => "val",
@@ -1183,13 +1183,13 @@ struct PackageJson {
     version: String,
 }
 
-fn package_version(packages: &Path, name: &str) -> Result<String> {
+pub(crate) fn package_version(packages: &Path, name: &str) -> Result<String> {
     let src = Source::read(packages.join(name).join("package.json"))?;
     Ok(parse_json::<PackageJson>(&src)?.version)
 }
 
 /// `name version integrity` lines written by the download, if any.
-fn read_integrity(packages: &Path) -> Result<HashMap<String, String>> {
+pub(crate) fn read_integrity(packages: &Path) -> Result<HashMap<String, String>> {
     let path = packages.join(INTEGRITY_FILE);
     if !path.exists() {
         return Ok(HashMap::new());
@@ -1214,28 +1214,21 @@ enum Outcome {
 }
 
 /// One concept as the build sees it.
-struct Planned {
-    id: u32,
-    concept: Concept,
-    captions: Vec<String>,
-    family: String,
-    split: Split,
+pub(crate) struct Planned {
+    /// The concept's index among the concepts with captions: the manifest id.
+    pub(crate) id: u32,
+    pub(crate) concept: Concept,
+    pub(crate) captions: Vec<String>,
+    pub(crate) family: String,
+    pub(crate) split: Split,
 }
 
-/// Builds the benchmark from a folder of unpacked npm packages (each under
-/// its npm name, e.g. `packages/@iconify-json/fluent-emoji/icons.json`) into
-/// `out` (see the module doc for the layout). `progress` receives one line
-/// per stage. An image that cannot be decoded or renders blank is left out
-/// and listed in [`Stats::failures`]; anything else is an error.
-pub fn build(
-    packages: &Path,
-    out: &Path,
-    opts: &BuildOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Stats> {
-    opts.validate()?;
-    let concepts = join(&TextSources::read(packages)?)?;
-    let planned: Vec<Planned> = concepts
+/// The concepts that have captions, in emojibase order, with their ids
+/// (indices among them), captions, families and splits. The animated
+/// benchmark (`crate::emoji_video`) plans the same way, so a concept has one
+/// id in both.
+pub(crate) fn plan(concepts: Vec<Concept>) -> Vec<Planned> {
+    concepts
         .into_iter()
         .filter_map(|concept| {
             let captions = captions(&concept);
@@ -1254,7 +1247,23 @@ pub fn build(
             family,
             split,
         })
-        .collect();
+        .collect()
+}
+
+/// Builds the benchmark from a folder of unpacked npm packages (each under
+/// its npm name, e.g. `packages/@iconify-json/fluent-emoji/icons.json`) into
+/// `out` (see the module doc for the layout). `progress` receives one line
+/// per stage. An image that cannot be decoded or renders blank is left out
+/// and listed in [`Stats::failures`]; anything else is an error.
+pub fn build(
+    packages: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Stats> {
+    opts.validate()?;
+    let concepts = join(&TextSources::read(packages)?)?;
+    let planned = plan(concepts);
     let mut concepts_by_split = SplitCounts::default();
     let mut families = BTreeMap::new();
     for p in &planned {

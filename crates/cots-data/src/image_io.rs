@@ -10,7 +10,9 @@ use image::{imageops::FilterType, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::video::synthetic::{render_clip, SyntheticVideoConfig};
-use crate::video::{decode_sampled, sample_indices, DecodeOptions, SampleMode};
+use crate::video::{
+    count_frames, decode_frames, decode_sampled, sample_indices, DecodeOptions, SampleMode,
+};
 use crate::{synthetic, Error, ImageSource, Result};
 
 /// Input size and normalisation of the image tower.
@@ -27,6 +29,30 @@ pub struct ImageConfig {
     /// image becomes a clip of `n` copies of itself. `None`: single images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frames: Option<usize>,
+    /// Which frames of a video fill the `frames` slots: TSN segments (the
+    /// default) or the first frame only, the single-frame baseline.
+    #[serde(skip_serializing_if = "FrameSampling::is_tsn")]
+    pub frame_sampling: FrameSampling,
+}
+
+/// How the frames of a clip are chosen (`data.image.frame_sampling`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameSampling {
+    /// `"tsn"`: one frame per equal segment, random in training and the
+    /// centre one in evaluation ([`crate::video::sample_indices`]).
+    #[default]
+    Tsn,
+    /// `"first"`: the video's first frame, in training and in evaluation,
+    /// in every slot. With `frames = 1` the model sees one still frame: the
+    /// single-frame baseline a temporal model has to beat.
+    First,
+}
+
+impl FrameSampling {
+    fn is_tsn(&self) -> bool {
+        *self == FrameSampling::Tsn
+    }
 }
 
 impl Default for ImageConfig {
@@ -36,6 +62,7 @@ impl Default for ImageConfig {
             mean: [0.5; 3],
             std: [0.5; 3],
             frames: None,
+            frame_sampling: FrameSampling::Tsn,
         }
     }
 }
@@ -179,9 +206,10 @@ pub fn load_pixels(source: &ImageSource, cfg: &ImageConfig) -> Result<Vec<f32>> 
     }
 }
 
-/// `n` frames of a source sampled with `mode`, fitted to the configured size.
-/// Only the sampled frames of a video file are decoded; a still image is
-/// repeated `n` times.
+/// `n` frames of a source sampled with `mode` (or the first frame, under
+/// [`FrameSampling::First`]), fitted to the configured size. Only the
+/// sampled frames of a video file are decoded; a still image is repeated `n`
+/// times.
 pub fn load_clip_frames(
     source: &ImageSource,
     n: usize,
@@ -191,7 +219,14 @@ pub fn load_clip_frames(
     if n == 0 {
         return Err(Error::Config("a clip needs at least one frame".into()));
     }
+    let first = cfg.frame_sampling == FrameSampling::First;
     match source {
+        ImageSource::Video(path) if first => {
+            let opts = DecodeOptions::square(cfg.size as u32);
+            // Counted first so that an empty video is named as such.
+            count_frames(path, &opts)?;
+            Ok(decode_frames(path, &vec![0; n], &opts)?)
+        }
         ImageSource::Video(path) => {
             let opts = DecodeOptions::square(cfg.size as u32);
             Ok(decode_sampled(path, n, mode, &opts)?.frames)
@@ -203,7 +238,18 @@ pub fn load_clip_frames(
                 ..set.clone()
             };
             let frames = render_clip(&set, clip);
-            Ok(sample_indices(frames.len(), n, mode)
+            if frames.is_empty() {
+                return Err(Error::Config(format!(
+                    "synthetic clip `{}` has no frames",
+                    clip.id
+                )));
+            }
+            let indices = if first {
+                vec![0; n]
+            } else {
+                sample_indices(frames.len(), n, mode)
+            };
+            Ok(indices
                 .into_iter()
                 .map(|i| resize_center_crop(&frames[i], cfg.size))
                 .collect())
@@ -287,6 +333,65 @@ mod tests {
         assert_eq!(a.dimensions(), (16, 16));
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    /// `frame_sampling = "first"` gives the first frame in every slot, in
+    /// training and in evaluation; the default TSN sampling does not.
+    #[test]
+    fn first_frame_sampling_takes_frame_zero_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clip.webp");
+        // Eight frames, frame k a flat grey of level 30 k.
+        let frames: Vec<RgbImage> = (0..8u8)
+            .map(|k| RgbImage::from_pixel(8, 8, image::Rgb([30 * k; 3])))
+            .collect();
+        crate::video::encode::write_webp(&path, &frames, 40).unwrap();
+        let source = ImageSource::Video(path);
+        let first = ImageConfig {
+            size: 8,
+            frames: Some(3),
+            frame_sampling: FrameSampling::First,
+            ..ImageConfig::default()
+        };
+        let level = |f: &RgbImage| f.get_pixel(4, 4).0[0];
+        for mode in [
+            SampleMode::Eval,
+            SampleMode::Train {
+                seed: 3,
+                epoch: 1,
+                index: 5,
+            },
+        ] {
+            let got = load_clip_frames(&source, 3, mode, &first).unwrap();
+            assert_eq!(got.iter().map(level).collect::<Vec<_>>(), [0, 0, 0]);
+        }
+        // TSN's evaluation centres of [0, 2), [2, 5), [5, 8): frames 1, 3, 6.
+        let tsn = ImageConfig {
+            frame_sampling: FrameSampling::Tsn,
+            ..first.clone()
+        };
+        let got = load_clip_frames(&source, 3, SampleMode::Eval, &tsn).unwrap();
+        assert_eq!(got.iter().map(level).collect::<Vec<_>>(), [30, 90, 180]);
+        // The model input of one first frame is that frame, normalised.
+        let one = ImageConfig {
+            frames: Some(1),
+            ..first.clone()
+        };
+        assert_eq!(
+            load_pixels(&source, &one).unwrap(),
+            to_chw(&frames[0], &one)
+        );
+
+        // The config spelling, and TSN as the default that is not written out.
+        let parsed: ImageConfig =
+            serde_json::from_str(r#"{"frames": 1, "frame_sampling": "first"}"#).unwrap();
+        assert_eq!(parsed.frame_sampling, FrameSampling::First);
+        let default: ImageConfig = serde_json::from_str(r#"{"frames": 4}"#).unwrap();
+        assert_eq!(default.frame_sampling, FrameSampling::Tsn);
+        assert!(!serde_json::to_string(&default)
+            .unwrap()
+            .contains("frame_sampling"));
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"frame_sampling": "last"}"#).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`synthetic`]: the embedded, seeded dataset the demo trains on.
 //! - [`manifest`]: the JSONL manifest format users already have.
 //! - [`emoji`]: the multi-style emoji benchmark built from npm packages.
+//! - [`emoji_video`]: its animated twin, text-to-video on animated emoji.
 //! - [`image_io`]: decoding (PNG, JPEG, WebP, GIF, SVG) and transforms.
 //! - [`masking`]: MLM and blockwise patch masking, seeded.
 //! - [`loader`]: the bounded, prefetching, resumable batch loader.
@@ -14,6 +15,7 @@
 //!   clip set.
 
 pub mod emoji;
+pub mod emoji_video;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_io;

@@ -69,6 +69,9 @@ pub enum Command {
     /// Build the multi-style emoji retrieval benchmark from unpacked npm
     /// packages (`cargo xtask data emoji` downloads them and runs this).
     BuildEmoji(emoji::BuildEmojiArgs),
+    /// Build the animated emoji text-to-video benchmark from unpacked npm
+    /// packages (`cargo xtask data emoji-video` downloads them and runs this).
+    BuildEmojiVideo(emoji::BuildEmojiVideoArgs),
     /// Build, grow, inspect, export and search a persistent retrieval index
     /// (memory-mapped vectors, exact or approximate search, thumbnails).
     Index(index_cmd::IndexArgs),
@@ -117,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => commands::embed(&ctx, a),
         Command::Search(a) => commands::search(&ctx, a),
         Command::BuildEmoji(a) => emoji::build_emoji(ctx.quiet, a),
+        Command::BuildEmojiVideo(a) => emoji::build_emoji_video(ctx.quiet, a),
         Command::Index(a) => index_cmd::index(&ctx, a),
         Command::Serve(a) => serve_cmd::serve(&ctx, a),
     }
