@@ -829,7 +829,7 @@ mod tests {
             scores[j] = 0.62; // the hub, for every caption
             scores[(j + 1) * m + j] = 0.6; // the true image
         }
-        let targets = vec![1, 2, 3];
+        let targets = [1, 2, 3];
         let scorer = MatrixScorer::new(scores.clone(), n, m).unwrap();
         let (_, for_t2i) = dual_softmax(&scorer, 20.0).unwrap();
         let revised = for_t2i.score_block(0..n, 0..m).unwrap();
