@@ -34,7 +34,7 @@
 //!   LICENSES.md          license and attribution of the animations and the text
 //! ```
 //! A line is `{"video": "videos/1f600.webp", "captions": [...], "split":
-//! "test", "id": "12"}`; the id is the concept's index (as a string, the
+//! "test", "id": "26"}`; the id is the concept's index (as a string, the
 //! video manifest's id type), the same index as in the static benchmark.
 //!
 //! The build is idempotent: a video already on disk with the expected size
