@@ -254,14 +254,12 @@ pub fn decode_animation(path: &Path, size: u32, max_frames: usize) -> Result<Ani
 
 /// What became of one animation.
 enum Outcome {
-    /// Already on disk with the expected size and frame count.
-    Kept {
+    /// A video of `frames` frames cut from `source_frames`; `written` by this
+    /// run, or already on disk with the expected size and frame count.
+    Made {
         source_frames: usize,
         frames: usize,
-    },
-    Written {
-        source_frames: usize,
-        frames: usize,
+        written: bool,
     },
     /// One frame only: not a video.
     Still,
@@ -289,9 +287,10 @@ fn make_video(src: &Path, dest: &Path, opts: &VideoBuildOptions) -> Result<Outco
     if count_webp_frames(dest).ok() == Some(frames)
         && image::image_dimensions(dest).ok() == Some((size, size))
     {
-        return Ok(Outcome::Kept {
+        return Ok(Outcome::Made {
             source_frames,
             frames,
+            written: false,
         });
     }
     let anim = match decode_animation(src, size, opts.max_frames) {
@@ -306,9 +305,10 @@ fn make_video(src: &Path, dest: &Path, opts: &VideoBuildOptions) -> Result<Outco
     let tmp = PathBuf::from(tmp);
     video::encode::write_webp(&tmp, &anim.frames, delay.max(1))?;
     std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
-    Ok(Outcome::Written {
+    Ok(Outcome::Made {
         source_frames: anim.source_frames,
         frames: anim.frames.len(),
+        written: true,
     })
 }
 
@@ -413,17 +413,12 @@ pub fn build(
     let mut failures = Vec::new();
     for (key, src, outcome) in results {
         match outcome? {
-            Outcome::Kept {
+            Outcome::Made {
                 source_frames,
                 frames,
+                written: w,
             } => {
-                made.insert(key, (source_frames, frames));
-            }
-            Outcome::Written {
-                source_frames,
-                frames,
-            } => {
-                written += 1;
+                written += usize::from(w);
                 made.insert(key, (source_frames, frames));
             }
             Outcome::Still => stills += 1,
