@@ -1,0 +1,347 @@
+//! CUDA forward pass of the fused queue contrastive softmax
+//! ([`crate::queue_fused::QueueContrastiveOp`] is the CPU reference).
+//!
+//! The kernels live in `kernels/queue_contrastive.cu`; this file embeds that
+//! source, compiles it to PTX with NVRTC the first time it is needed (once
+//! per process), loads it on the tensors' device through candle's module
+//! cache, and launches the two kernels:
+//! 1. `queue_contrastive_partial` streams each of a fixed number of queue
+//!    ranges ("splits") for 8 rows per block with an online softmax and writes
+//!    one partial state per (row, split) to a workspace;
+//! 2. `queue_contrastive_combine` merges each row's partial states with column
+//!    0 (the row's own key) and writes the `[B, 3 + 2D]` output.
+//!
+//! The workspace holds `B * splits * (4 + 2D)` floats, and the number of
+//! splits is bounded by the batch size, never by `K`.
+//!
+//! Only the forward pass runs here; the backward pass is written in candle
+//! tensor ops from this output.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::queue::EMPTY_SLOT;
+
+/// The kernel source, compiled at run time.
+const SOURCE: &str = include_str!("../../../kernels/queue_contrastive.cu");
+/// Name of the module in candle's per-device cache of custom modules.
+const MODULE: &str = "cots_queue_contrastive";
+
+/// Rows per block, one warp each (`ROWS_PER_BLOCK` in the kernel).
+const ROWS_PER_BLOCK: usize = 8;
+/// Largest embedding width: 32 lanes x `DIMS_PER_LANE` registers in the kernel.
+pub(crate) const MAX_DIM: usize = 32 * 32;
+/// Queue keys per shared-memory tile at most (`MAX_TILE_KEYS` in the kernel).
+const MAX_TILE_KEYS: usize = 32;
+/// Shared memory for one key tile: 48 KiB, the most a launch gets without opting in.
+const SHARED_FLOATS: usize = 48 * 1024 / 4;
+/// Enough (row block, split) pairs to keep every SM of an H100/H200 busy.
+const TARGET_BLOCKS: usize = 1024;
+/// A split streams at least this many keys, so short queues are not cut finer
+/// than the per-split overhead is worth.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Number of output columns before the two `D`-wide blocks.
+const STAT_COLS: usize = 3;
+/// Floats in one partial-state record before the two `D`-wide blocks.
+const RECORD_STATS: usize = 4;
+
+/// PTX of [`SOURCE`], compiled once per process; the error is kept as text
+/// so that every later call reports it too.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compiled = PTX.get_or_init(|| {
+        // cudarc loads libnvrtc on first use and panics if it is missing.
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err("libnvrtc (CUDA 13) was not found; put the CUDA libraries \
+                        (e.g. PyTorch's site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH"
+                .to_string());
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            name: Some("queue_contrastive.cu".to_string()),
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map(|ptx| ptx.to_src())
+            .map_err(|e| format!("NVRTC could not compile kernels/queue_contrastive.cu: {e}"))
+    });
+    match compiled {
+        Ok(ptx) => Ok(ptx.as_str()),
+        Err(msg) => bail!("queue_contrastive (CUDA): {msg}"),
+    }
+}
+
+/// Checks that `s` is a contiguous f32 matrix and returns its `(rows, cols)`
+/// and the element range it covers in its storage.
+fn matrix(
+    name: &str,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<((usize, usize), std::ops::Range<usize>)> {
+    if s.dtype() != DType::F32 {
+        bail!(
+            "queue_contrastive (CUDA): `{name}` is {:?}; the CUDA kernel runs in f32 only",
+            s.dtype()
+        )
+    }
+    let dims = l.shape().dims2().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "queue_contrastive (CUDA): `{name}` must be a matrix, got shape {:?}",
+            l.shape()
+        ))
+    })?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("queue_contrastive (CUDA): `{name}` must be contiguous")
+    };
+    Ok((dims, start..end))
+}
+
+/// The number of queue splits for `b` rows and `k` queue slots: enough blocks
+/// to fill the GPU, at least [`MIN_KEYS_PER_SPLIT`] keys per split, at least one.
+fn split_count(b: usize, k: usize) -> usize {
+    let row_blocks = b.div_ceil(ROWS_PER_BLOCK).max(1);
+    TARGET_BLOCKS
+        .div_ceil(row_blocks)
+        .min(k.div_ceil(MIN_KEYS_PER_SPLIT))
+        .max(1)
+}
+
+/// A device buffer of the ids, padded to at least one element (a zero-length
+/// allocation is an error in CUDA).
+fn upload_ids(
+    dev: &candle_core::CudaDevice,
+    ids: &[u32],
+) -> Result<cudarc::driver::CudaSlice<u32>> {
+    if ids.is_empty() {
+        dev.clone_htod(&[EMPTY_SLOT][..])
+    } else {
+        dev.clone_htod(ids)
+    }
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "queue_contrastive (CUDA): {name} = {v} does not fit the kernel's 32-bit indices"
+        ))
+    })
+}
+
+/// The forward pass of the queue contrastive op on CUDA.
+///
+/// # Shapes
+/// - `qs` (queries divided by the temperature), `k`: `[B, D]`; `queue`: `[K, D]`;
+///   all contiguous f32 on one device, `D <= 1024`, `K` may be 0.
+/// - `ids`: `(rows [B], slots [K])`; slot `j` is an extra positive for row `i`
+///   when `slots[j] == rows[i] != u32::MAX`.
+/// - returns `[B, 3 + 2D]`: per row `loss, lse, cnt`, then the softmax-weighted
+///   mean key `sum_j p_ij key_j` (`D`), then the sum of the positive keys (`D`).
+pub(crate) fn contrastive_fwd(
+    qs: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    queue: &CudaStorage,
+    lqu: &Layout,
+    ids: Option<(&[u32], &[u32])>,
+) -> Result<(CudaStorage, Shape)> {
+    let ((b, d), q_range) = matrix("q / tau", qs, lq)?;
+    let ((bk, dk), k_range) = matrix("k", k, lk)?;
+    let ((kq, dq), queue_range) = matrix("queue", queue, lqu)?;
+    if (bk, dk) != (b, d) || dq != d {
+        bail!(
+            "queue_contrastive (CUDA): shapes q [{b}, {d}], k [{bk}, {dk}], queue [{kq}, {dq}] \
+             do not agree"
+        )
+    }
+    if d > MAX_DIM {
+        bail!("queue_contrastive (CUDA): D = {d} is above the kernel's limit of {MAX_DIM}")
+    }
+    if let Some((rows, slots)) = ids {
+        if rows.len() != b || slots.len() != kq {
+            bail!(
+                "queue_contrastive (CUDA): {} row ids for {b} rows and {} slot ids for {kq} slots",
+                rows.len(),
+                slots.len()
+            )
+        }
+    }
+    let dev = qs.device();
+    if k.device().id() != dev.id() || queue.device().id() != dev.id() {
+        bail!("queue_contrastive (CUDA): q, k and queue are on different devices")
+    }
+
+    let out_cols = STAT_COLS + 2 * d;
+    let shape = Shape::from((b, out_cols));
+    // Every output element is written by the combine kernel; zeros keep the
+    // (unused) padding element of an empty batch defined.
+    let mut out = dev.alloc_zeros::<f32>((b * out_cols).max(1))?;
+    if b == 0 {
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape));
+    }
+
+    let splits = split_count(b, kq);
+    let keys_per_split = kq.div_ceil(splits);
+    let tile_keys = (SHARED_FLOATS / d.max(1)).clamp(1, MAX_TILE_KEYS);
+    let mut work = dev.alloc_zeros::<f32>(b * splits * (RECORD_STATS + 2 * d))?;
+    let (rows, slots, use_ids) = match ids {
+        Some((rows, slots)) => (upload_ids(dev, rows)?, upload_ids(dev, slots)?, 1i32),
+        None => (upload_ids(dev, &[])?, upload_ids(dev, &[])?, 0i32),
+    };
+
+    let q_view = qs.as_cuda_slice::<f32>()?.slice(q_range);
+    let k_view = k.as_cuda_slice::<f32>()?.slice(k_range);
+    let queue_view = queue.as_cuda_slice::<f32>()?.slice(queue_range);
+    let (b_i, k_i, d_i) = (to_i32("B", b)?, to_i32("K", kq)?, to_i32("D", d)?);
+    let (splits_i, per_split_i, tile_i) = (
+        to_i32("splits", splits)?,
+        to_i32("keys per split", keys_per_split)?,
+        to_i32("tile keys", tile_keys)?,
+    );
+    let row_blocks = b.div_ceil(ROWS_PER_BLOCK) as u32;
+    let threads = (32 * ROWS_PER_BLOCK) as u32;
+    let ptx = ptx()?;
+
+    let partial = dev.get_or_load_custom_func("queue_contrastive_partial", MODULE, ptx)?;
+    let mut launch = partial.builder();
+    launch.arg(&q_view);
+    launch.arg(&queue_view);
+    launch.arg(&rows);
+    launch.arg(&slots);
+    launch.arg(&mut work);
+    launch.arg(&b_i);
+    launch.arg(&k_i);
+    launch.arg(&d_i);
+    launch.arg(&splits_i);
+    launch.arg(&per_split_i);
+    launch.arg(&tile_i);
+    launch.arg(&use_ids);
+    let cfg = LaunchConfig {
+        grid_dim: (row_blocks, splits as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: (tile_keys * d * std::mem::size_of::<f32>()) as u32,
+    };
+    // SAFETY: the argument list matches the kernel's signature; every pointer
+    // covers the extent the kernel reads or writes for these B, K, D and
+    // splits (checked above), and the shared memory fits one key tile.
+    unsafe { launch.launch(cfg) }.w()?;
+
+    let combine = dev.get_or_load_custom_func("queue_contrastive_combine", MODULE, ptx)?;
+    let mut launch = combine.builder();
+    launch.arg(&q_view);
+    launch.arg(&k_view);
+    launch.arg(&work);
+    launch.arg(&mut out);
+    launch.arg(&b_i);
+    launch.arg(&d_i);
+    launch.arg(&splits_i);
+    let cfg = LaunchConfig {
+        grid_dim: (row_blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above; `out` holds B x (3 + 2D) floats.
+    unsafe { launch.launch(cfg) }.w()?;
+
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
+/// The raw forward output as a tensor op without a backward pass, for tests
+/// and benchmarks of the kernel (training goes through
+/// [`crate::queue::queue_contrastive`]).
+#[derive(Clone, Debug)]
+struct ForwardOp {
+    ids: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+impl CustomOp3 for ForwardOp {
+    fn name(&self) -> &'static str {
+        "queue-contrastive-cuda-forward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("queue_contrastive_forward runs the CUDA kernel only; the tensors are on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let ids = self
+            .ids
+            .as_ref()
+            .map(|(rows, slots)| (rows.as_slice(), slots.as_slice()));
+        contrastive_fwd(s1, l1, s2, l2, s3, l3, ids)
+    }
+}
+
+/// Runs the CUDA forward kernel alone (no backward) and returns its raw output.
+///
+/// # Shapes
+/// - `q_scaled` = `q / tau`, `k`: `[B, D]`; `queue`: `[K, D]`, f32 on one CUDA
+///   device; `ids`: `(rows [B], slots [K])`.
+/// - returns `[B, 3 + 2D]`: per row `loss, lse, cnt`, then the softmax-weighted
+///   mean key `sum_j p_ij key_j` (`D`), then the sum of the positive keys (`D`).
+pub fn queue_contrastive_forward(
+    q_scaled: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    ids: Option<(Vec<u32>, Vec<u32>)>,
+) -> Result<Tensor> {
+    q_scaled.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &queue.contiguous()?,
+        &ForwardOp { ids },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_bounded_by_the_batch_not_the_queue() {
+        assert_eq!(split_count(1, 0), 1);
+        assert_eq!(split_count(37, 100), 1);
+        assert_eq!(split_count(37, 65_536), 205);
+        assert_eq!(split_count(256, 65_536), 32);
+        assert_eq!(split_count(256, 10_000_000), 32);
+        // The workspace stays near TARGET_BLOCKS x ROWS_PER_BLOCK records whatever K is.
+        for b in [1, 8, 37, 256, 4096] {
+            assert!(b * split_count(b, usize::MAX / 2) <= TARGET_BLOCKS * ROWS_PER_BLOCK + b);
+        }
+    }
+
+    /// The embedded source compiles with NVRTC wherever libnvrtc is present
+    /// (no GPU needed): e.g. with the nvidia-cuda-nvrtc wheel's lib directory
+    /// on LD_LIBRARY_PATH.
+    #[test]
+    fn kernel_compiles_with_nvrtc() {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("skipped: libnvrtc not found on the library path");
+            return;
+        }
+        let ptx = ptx().expect("NVRTC compiles the kernel");
+        assert!(ptx.contains("queue_contrastive_partial"));
+        assert!(ptx.contains("queue_contrastive_combine"));
+    }
+}
