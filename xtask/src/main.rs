@@ -4,9 +4,11 @@
 //! that `cargo xtask` itself builds in seconds.
 
 mod bench;
+mod check_cuda;
 mod ci;
 mod data;
 mod fuzz;
+mod kernels;
 mod speedup;
 mod util;
 
@@ -25,6 +27,12 @@ Commands:
                      into data/emoji (try `cargo xtask data emoji --help`)
   data emoji-video [args]
                      the same for the animated emoji text-to-video benchmark (data/emoji-video)
+  kernels [--skip-without-toolkit]
+                     compiles every kernels/*.cu to PTX with nvcc 13.0 (-Werror all-warnings);
+                     downloads nvcc from PyPI into ~/.cache/cots/cuda on first use
+  check-cuda [--clippy] [--test]
+                     cargo check (clippy, test) of cots-ops with the `cuda` feature, without a
+                     CUDA install: candle patched as in the shared notes (slow: ~10 min cold)
   fuzz [--seconds N] [TARGET...]
                      runs the dataset parsers' fuzz targets for N seconds each (nightly,
                      cargo-fuzz; see docs/fuzzing.md and `cargo xtask fuzz --help`)
@@ -49,6 +57,8 @@ fn run() -> Result<()> {
         "speedup" => speedup::run(rest),
         "data" => data::run(rest),
         "fuzz" => fuzz::run(rest),
+        "kernels" => kernels::run(rest),
+        "check-cuda" => check_cuda::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
