@@ -254,12 +254,15 @@ mod cuda {
             let kk = unit_rows(b, d, &mut rng);
             let queue = unit_rows(k, d, &mut rng);
             let want = reference(&qs, &kk, &queue, case.ids.as_ref(), b, d);
-            let out = queue_contrastive_forward(
-                &Tensor::from_slice(&qs, (b, d), &dev)?,
-                &Tensor::from_slice(&kk, (b, d), &dev)?,
-                &Tensor::from_slice(&queue, (k, d), &dev)?,
-                case.ids.clone(),
-            )?;
+            let out = (|| {
+                queue_contrastive_forward(
+                    &Tensor::from_slice(&qs, (b, d), &dev)?,
+                    &Tensor::from_slice(&kk, (b, d), &dev)?,
+                    &Tensor::from_slice(&queue, (k, d), &dev)?,
+                    case.ids.clone(),
+                )
+            })()
+            .map_err(|e| e.context(format!("case `{}`", case.name)))?;
             assert_eq!(out.dims(), [b, 3 + 2 * d], "{}", case.name);
             let got = out.flatten_all()?.to_vec1::<f32>()?;
             assert!(
@@ -358,8 +361,11 @@ mod cuda {
             let queue = unit_rows(k, d, &mut rng);
             let shape = (b, k, d);
             let ids = case.ids.as_ref();
-            let cpu = contrastive_with_grads(&Device::Cpu, &q, &kk, &queue, ids, shape, tau)?;
-            let gpu = contrastive_with_grads(&dev, &q, &kk, &queue, ids, shape, tau)?;
+            let context = |e: candle_core::Error| e.context(format!("case `{}`", case.name));
+            let cpu = contrastive_with_grads(&Device::Cpu, &q, &kk, &queue, ids, shape, tau)
+                .map_err(context)?;
+            let gpu =
+                contrastive_with_grads(&dev, &q, &kk, &queue, ids, shape, tau).map_err(context)?;
             for (what, (g, c)) in ["loss", "lse", "dq", "dk", "dtau"]
                 .iter()
                 .zip(gpu.iter().zip(&cpu))
