@@ -5,12 +5,25 @@
 //! tiles of [`TILE`] slots, each tile's logits `[B, TILE]` come from one
 //! gemm call (AVX-512 kernels when the CPU has them), and a running max /
 //! running sum per row keeps the log-sum-exp (the online softmax). The
-//! backward pass recomputes the tiles from the saved log-normaliser and
-//! accumulates the query gradient with a second gemm per tile. Extra memory
-//! is `O(B * TILE)` whatever `K` is.
+//! exponentials run in f32 SIMD lanes ([`exp_f32`], dispatched at run time
+//! by `pulp`); sums across tiles are kept in f64.
+//!
+//! The contrastive op needs no second pass for its backward. Its query
+//! gradient is `sum_j p_ij key_j` minus the positives' keys, a softmax-weighted
+//! sum of keys, which the forward pass accumulates flash-attention style: each
+//! tile's weights `exp(l_ij - max_i)` times the tile's keys, one more gemm,
+//! added to a per-row accumulator that is rescaled whenever the running max
+//! moves. The forward output carries that `[B, D]` accumulator, so the
+//! backward is a few `[B, D]` tensor ops that run on any device. Extra memory
+//! is `O(B * (TILE + D))` whatever `K` is.
+//!
+//! The KL op recomputes its tiles in the backward pass from the saved
+//! log-normalisers.
 //!
 //! The temperature is handled outside: callers pass `q / tau`, so autograd
 //! gives `tau` its gradient through that division.
+
+use std::collections::HashMap;
 
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -20,12 +33,130 @@ use rayon::prelude::*;
 use crate::queue::{KlDirection, EMPTY_SLOT};
 
 /// Queue slots per tile.
-pub const TILE: usize = 512;
+pub const TILE: usize = 2048;
 
-/// The element types the ops run in (f32, f64); all accumulation is in f64.
-pub trait Real: WithDType {}
-impl Real for f32 {}
-impl Real for f64 {}
+/// The element types the ops run in (f32, f64); sums across tiles are f64.
+pub trait Real: WithDType {
+    /// The largest element (`-inf` when empty; NaNs are skipped here and
+    /// surface through the sum instead).
+    fn max_of(xs: &[Self]) -> f64;
+    /// Replaces every `x` with `exp(x - shift)` and returns their sum.
+    fn exp_shifted_sum(xs: &mut [Self], shift: f64) -> f64;
+}
+
+impl Real for f64 {
+    fn max_of(xs: &[f64]) -> f64 {
+        xs.iter()
+            .fold(f64::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    fn exp_shifted_sum(xs: &mut [f64], shift: f64) -> f64 {
+        xs.iter_mut()
+            .map(|x| {
+                *x = (*x - shift).exp();
+                *x
+            })
+            .sum()
+    }
+}
+
+/// SIMD lanes of the f32 loops (one AVX-512 register).
+const LANES: usize = 16;
+
+impl Real for f32 {
+    fn max_of(xs: &[f32]) -> f64 {
+        pulp::Arch::new().dispatch(MaxF32(xs))
+    }
+
+    fn exp_shifted_sum(xs: &mut [f32], shift: f64) -> f64 {
+        pulp::Arch::new().dispatch(ExpSumF32 {
+            xs,
+            shift: shift as f32,
+        })
+    }
+}
+
+// The f32 loops are written lane by lane in plain Rust; `pulp` compiles them
+// once per instruction set (AVX-512, AVX2) and picks one at run time, and
+// LLVM turns the lanes into vector registers.
+
+struct MaxF32<'a>(&'a [f32]);
+
+impl pulp::WithSimd for MaxF32<'_> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> f64 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = self.0.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, &x) in lanes.iter_mut().zip(c) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
+        let m = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        f64::from(m)
+    }
+}
+
+struct ExpSumF32<'a> {
+    xs: &'a mut [f32],
+    shift: f32,
+}
+
+impl pulp::WithSimd for ExpSumF32<'_> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> f64 {
+        let shift = self.shift;
+        let mut lanes = [0f32; LANES];
+        let mut chunks = self.xs.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (s, x) in lanes.iter_mut().zip(c) {
+                *x = exp_f32(*x - shift);
+                *s += *x;
+            }
+        }
+        let mut total: f64 = lanes.iter().map(|&s| f64::from(s)).sum();
+        for x in chunks.into_remainder() {
+            *x = exp_f32(*x - shift);
+            total += f64::from(*x);
+        }
+        total
+    }
+}
+
+/// `e^x` in f32, branch-free so that loops over it vectorise: Cephes' `expf`
+/// (range reduction by `ln 2` in two parts, a degree-6 polynomial, the power
+/// of two built from its bits). Within 2 ulp of the true value on
+/// `[-87, 88]`; inputs are clamped to that range (below it the result is
+/// ~1e-38 rather than 0, above it ~1.6e38 rather than inf); NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to the nearest integer, kept in the low
+    // mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let e = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    y * f32::from_bits((e.wrapping_add(127) as u32) << 23)
+}
 
 /// `out[m, n] (+)= a[m, k] . b[n, k]^T` (`b_transposed`) or `a[m, k] . b[k, n]`,
 /// all row-major.
@@ -121,141 +252,126 @@ struct Ids {
 }
 
 impl Ids {
-    fn is_pos(&self, row: usize, slot: usize) -> bool {
-        let s = self.slots[slot];
-        s != EMPTY_SLOT && s == self.rows[row]
+    /// For every row, the queue slots that share its id.
+    fn positive_slots(&self) -> Vec<Vec<usize>> {
+        let mut by_id: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (j, &id) in self.slots.iter().enumerate() {
+            if id != EMPTY_SLOT {
+                by_id.entry(id).or_default().push(j);
+            }
+        }
+        self.rows
+            .iter()
+            .map(|id| by_id.get(id).cloned().unwrap_or_default())
+            .collect()
     }
 }
 
-/// The instance-level op: inputs `(q / tau, k, queue)`, output `[B, 2]` =
-/// `(loss, lse)` per row.
+/// Columns of the contrastive op's output before the two `[D]` blocks.
+pub const CONTRASTIVE_HEAD: usize = 3;
+
+/// The instance-level op: inputs `(q / tau, k, queue)`.
+///
+/// Output `[B, 3 + 2D]`, row `i`: `loss_i`, `lse_i`, the number of positive
+/// columns `cnt_i`, then `sum_j p_ij key_j` (the softmax-weighted key, `key_0
+/// = k_i`), then the sum of the positive columns' keys. The last two blocks
+/// are what the backward pass needs; they are zero when no input tracks a
+/// gradient. [`queue_contrastive_fused`] returns the first two columns.
 #[derive(Clone, Debug)]
 pub struct QueueContrastiveOp {
     ids: Option<Ids>,
+    /// Whether the forward pass accumulates the weighted keys for backward.
+    with_grad: bool,
 }
 
 impl QueueContrastiveOp {
-    pub fn new(ids: Option<(Vec<u32>, Vec<u32>)>) -> Self {
+    pub fn new(ids: Option<(Vec<u32>, Vec<u32>)>, with_grad: bool) -> Self {
         Self {
             ids: ids.map(|(rows, slots)| Ids { rows, slots }),
+            with_grad,
         }
     }
 
-    fn positives(&self, b: usize, k: usize) -> Vec<f64> {
-        (0..b)
-            .map(|i| {
-                1.0 + self
-                    .ids
-                    .as_ref()
-                    .map_or(0, |ids| (0..k).filter(|&j| ids.is_pos(i, j)).count())
-                    as f64
-            })
-            .collect()
-    }
-
-    fn forward<T: Real>(&self, q: &[T], kk: &[T], queue: &[T], b: usize, d: usize) -> Vec<T> {
+    fn forward<T: Real>(&self, qs: &[T], kk: &[T], queue: &[T], b: usize, d: usize) -> Vec<T> {
         let k = queue.len() / d.max(1);
-        // Column 0: the row's own positive key.
-        let mut max: Vec<f64> = (0..b)
-            .map(|i| dot(&q[i * d..(i + 1) * d], &kk[i * d..(i + 1) * d]))
-            .collect();
-        let mut pos_sum = max.clone();
+        let zero = T::from_f64(0.0);
+        fn row<T>(x: &[T], i: usize, d: usize) -> &[T] {
+            &x[i * d..(i + 1) * d]
+        }
+        // Column 0, the row's own positive key, opens the running max (so
+        // its weight is exp(0) = 1) and the accumulator.
+        let mut max: Vec<f64> = (0..b).map(|i| dot(row(qs, i, d), row(kk, i, d))).collect();
         let mut sum = vec![1.0f64; b];
-        let mut tile = vec![T::from_f64(0.0); b * TILE];
-        for t0 in (0..k).step_by(TILE) {
-            let tn = TILE.min(k - t0);
-            matmul(
-                b,
-                tn,
-                d,
-                q,
-                &queue[t0 * d..(t0 + tn) * d],
-                true,
-                &mut tile,
-                false,
-            );
-            max.par_iter_mut()
-                .zip(sum.par_iter_mut())
-                .zip(pos_sum.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, ((m, s), p))| {
-                    let row = &tile[i * tn..(i + 1) * tn];
-                    let tile_max = row.iter().fold(f64::NEG_INFINITY, |a, v| a.max(v.to_f64()));
-                    let new_max = m.max(tile_max);
-                    *s = *s * (*m - new_max).exp()
-                        + row
-                            .iter()
-                            .map(|v| (v.to_f64() - new_max).exp())
-                            .sum::<f64>();
-                    *m = new_max;
-                    if let Some(ids) = &self.ids {
-                        for (j, v) in row.iter().enumerate() {
-                            if ids.is_pos(i, t0 + j) {
-                                *p += v.to_f64();
-                            }
-                        }
-                    }
-                });
-        }
-        let cnt = self.positives(b, k);
-        (0..b)
-            .flat_map(|i| {
-                let lse = max[i] + sum[i].ln();
-                [T::from_f64(lse - pos_sum[i] / cnt[i]), T::from_f64(lse)]
-            })
-            .collect()
-    }
-
-    /// Gradients `(d q, d k)` from the output gradient `g` `[B, 2]` and the
-    /// forward result `res` `[B, 2]`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(
-        &self,
-        q: &[T],
-        kk: &[T],
-        queue: &[T],
-        res: &[T],
-        g: &[T],
-        b: usize,
-        d: usize,
-    ) -> (Vec<T>, Vec<T>) {
-        let k = queue.len() / d.max(1);
-        let cnt = self.positives(b, k);
-        let lse: Vec<f64> = (0..b).map(|i| res[i * 2 + 1].to_f64()).collect();
-        let g_loss: Vec<f64> = (0..b).map(|i| g[i * 2].to_f64()).collect();
-        let g_lse: Vec<f64> = (0..b).map(|i| g[i * 2 + 1].to_f64()).collect();
-        // dL/dl_ij = (g_loss_i + g_lse_i) p_ij - g_loss_i [j positive] / cnt_i.
-        let coef = |i: usize, logit: f64, positive: bool| -> f64 {
-            let p = (logit - lse[i]).exp();
-            (g_loss[i] + g_lse[i]) * p - if positive { g_loss[i] / cnt[i] } else { 0.0 }
+        let mut acc: Vec<T> = if self.with_grad {
+            kk.to_vec()
+        } else {
+            Vec::new()
         };
-        let mut gq = vec![T::from_f64(0.0); b * d];
-        let mut gk = vec![T::from_f64(0.0); b * d];
-        for i in 0..b {
-            let (qi, ki) = (&q[i * d..(i + 1) * d], &kk[i * d..(i + 1) * d]);
-            let c0 = coef(i, dot(qi, ki), true);
-            for x in 0..d {
-                gq[i * d + x] = T::from_f64(c0 * ki[x].to_f64());
-                gk[i * d + x] = T::from_f64(c0 * qi[x].to_f64());
-            }
-        }
-        let mut tile = vec![T::from_f64(0.0); b * TILE];
+        let mut tile = vec![zero; b * TILE.min(k)];
         for t0 in (0..k).step_by(TILE) {
             let tn = TILE.min(k - t0);
             let keys = &queue[t0 * d..(t0 + tn) * d];
-            matmul(b, tn, d, q, keys, true, &mut tile, false);
-            tile[..b * tn]
-                .par_chunks_mut(tn)
-                .enumerate()
-                .for_each(|(i, row)| {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        let positive = self.ids.as_ref().is_some_and(|ids| ids.is_pos(i, t0 + j));
-                        *v = T::from_f64(coef(i, v.to_f64(), positive));
+            let tile = &mut tile[..b * tn];
+            matmul(b, tn, d, qs, keys, true, tile, false);
+            // Logits become weights exp(l - new max); the sum and the
+            // accumulator are rescaled to the new max.
+            type Row<'a, T> = (((&'a mut [T], &'a mut f64), &'a mut f64), &'a mut [T]);
+            let online = |(((w, m), s), a): Row<T>| {
+                let new = m.max(T::max_of(w));
+                let scale = (*m - new).exp();
+                *s = *s * scale + T::exp_shifted_sum(w, new);
+                *m = new;
+                if scale != 1.0 {
+                    for x in a {
+                        *x = T::from_f64(x.to_f64() * scale);
                     }
-                });
-            matmul(b, d, tn, &tile[..b * tn], keys, false, &mut gq, true);
+                }
+            };
+            let rows = tile
+                .par_chunks_mut(tn)
+                .zip(max.par_iter_mut())
+                .zip(sum.par_iter_mut());
+            if self.with_grad {
+                rows.zip(acc.par_chunks_mut(d)).for_each(online);
+                matmul(b, d, tn, tile, keys, false, &mut acc, true);
+            } else {
+                rows.for_each(|x| online((x, &mut [][..])));
+            }
         }
-        (gq, gk)
+        let positives = self
+            .ids
+            .as_ref()
+            .map(Ids::positive_slots)
+            .unwrap_or_default();
+        let width = CONTRASTIVE_HEAD + 2 * d;
+        let mut out = vec![zero; b * width];
+        out.par_chunks_mut(width).enumerate().for_each(|(i, o)| {
+            let (qi, ki) = (row(qs, i, d), row(kk, i, d));
+            let extra = positives.get(i).map_or(&[][..], Vec::as_slice);
+            let lse = max[i] + sum[i].ln();
+            let cnt = 1 + extra.len();
+            let pos = dot(qi, ki)
+                + extra
+                    .iter()
+                    .map(|&j| dot(qi, &queue[j * d..(j + 1) * d]))
+                    .sum::<f64>();
+            o[0] = T::from_f64(lse - pos / cnt as f64);
+            o[1] = T::from_f64(lse);
+            o[2] = T::from_f64(cnt as f64);
+            if self.with_grad {
+                let (weighted, pos_keys) = o[CONTRASTIVE_HEAD..].split_at_mut(d);
+                for (w, a) in weighted.iter_mut().zip(row(&acc, i, d)) {
+                    *w = T::from_f64(a.to_f64() / sum[i]);
+                }
+                pos_keys.copy_from_slice(ki);
+                for &j in extra {
+                    for (p, x) in pos_keys.iter_mut().zip(&queue[j * d..(j + 1) * d]) {
+                        *p += *x;
+                    }
+                }
+            }
+        });
+        out
     }
 }
 
@@ -295,51 +411,32 @@ impl CustomOp3 for QueueContrastiveOp {
             }
             _ => bail!("queue_contrastive: inputs must all be f32 or all f64"),
         };
-        Ok((out, Shape::from((b, 2))))
+        Ok((out, Shape::from((b, CONTRASTIVE_HEAD + 2 * d))))
     }
 
+    /// From the saved forward output alone, on any device: with
+    /// `a = g_loss + g_lse` and `c = g_loss / cnt`, `dL/dl_ij = a p_ij - c
+    /// [j positive]`, so `d q_i = a sum_j p_ij key_j - c sum_{j pos} key_j`
+    /// and `d k_i = (a p_i0 - c) q_i`.
     fn bwd(
         &self,
-        q: &Tensor,
+        qs: &Tensor,
         k: &Tensor,
-        queue: &Tensor,
+        _queue: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, d) = q.dims2()?;
-        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
-        macro_rules! run {
-            ($t:ty) => {{
-                with_slice::<$t, _>(q, |qs| {
-                    with_slice::<$t, _>(k, |ks| {
-                        with_slice::<$t, _>(queue, |qu| {
-                            with_slice::<$t, _>(&res, |rs| {
-                                with_slice::<$t, _>(&grad, |gs| {
-                                    Ok(self.backward(qs, ks, qu, rs, gs, b, d))
-                                })
-                            })
-                        })
-                    })
-                })?
-            }};
+        if !self.with_grad {
+            bail!("queue_contrastive: backward through a forward run without gradients");
         }
-        let (gq, gk) = match q.dtype() {
-            candle_core::DType::F32 => {
-                let (a, c) = run!(f32);
-                (
-                    Tensor::from_vec(a, (b, d), q.device())?,
-                    Tensor::from_vec(c, (b, d), q.device())?,
-                )
-            }
-            candle_core::DType::F64 => {
-                let (a, c) = run!(f64);
-                (
-                    Tensor::from_vec(a, (b, d), q.device())?,
-                    Tensor::from_vec(c, (b, d), q.device())?,
-                )
-            }
-            dt => bail!("queue_contrastive: unsupported dtype {dt:?}"),
-        };
+        let d = qs.dim(1)?;
+        let a = (grad.narrow(1, 0, 1)? + grad.narrow(1, 1, 1)?)?;
+        let c = (grad.narrow(1, 0, 1)? / res.narrow(1, 2, 1)?)?;
+        let weighted = res.narrow(1, CONTRASTIVE_HEAD, d)?;
+        let pos_keys = res.narrow(1, CONTRASTIVE_HEAD + d, d)?;
+        let gq = (weighted.broadcast_mul(&a)? - pos_keys.broadcast_mul(&c)?)?;
+        let p0 = ((qs * k)?.sum_keepdim(1)? - res.narrow(1, 1, 1)?)?.exp()?;
+        let gk = qs.broadcast_mul(&((a * p0)? - c)?)?;
         Ok((Some(gq), Some(gk), None))
     }
 }
@@ -347,7 +444,8 @@ impl CustomOp3 for QueueContrastiveOp {
 /// Instance-level loss through the fused op (see `queue::queue_contrastive`).
 ///
 /// # Shapes
-/// - `q_scaled` = `q / tau`, `k`: `[B, D]`; `queue`: `[K, D]`; returns `[B, 2]`.
+/// - `q_scaled` = `q / tau`, `k`: `[B, D]`; `queue`: `[K, D]`; returns
+///   `[B, 2]` = `(loss, lse)` per row.
 pub fn queue_contrastive_fused(
     q_scaled: &Tensor,
     k: &Tensor,
@@ -355,9 +453,15 @@ pub fn queue_contrastive_fused(
     ids: Option<(Vec<u32>, Vec<u32>)>,
 ) -> Result<Tensor> {
     let queue = queue.detach().contiguous()?;
+    let with_grad = q_scaled.track_op() || k.track_op();
     q_scaled
         .contiguous()?
-        .apply_op3(&k.contiguous()?, &queue, QueueContrastiveOp::new(ids))
+        .apply_op3(
+            &k.contiguous()?,
+            &queue,
+            QueueContrastiveOp::new(ids, with_grad),
+        )?
+        .narrow(1, 0, 2)
 }
 
 /// The task-level KL: inputs `(f / tau, t / tau)`, constants the momentum
@@ -668,4 +772,131 @@ pub fn queue_kl_fused(
     f_scaled
         .contiguous()?
         .apply_op2(&t_scaled.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_f64_exp() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut xs: Vec<f32> = (0..200_000)
+            .map(|_| rng.random_range(-87.0..88.0))
+            .collect();
+        xs.extend([
+            -87.0, -20.5, -1.0, -0.5, -1e-7, 0.0, 1e-7, 0.5, 1.0, 30.25, 88.0,
+        ]);
+        for &x in &xs {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_f32(x));
+            let ulp = f64::from(f32::EPSILON) * want;
+            assert!(
+                (got - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(-1e4) < 1e-37 && exp_f32(-1e4) >= 0.0);
+    }
+
+    #[test]
+    fn f32_exp_sum_and_max_match_f64_on_odd_lengths() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for n in [0usize, 1, 15, 16, 17, 513] {
+            let xs: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..5.0)).collect();
+            let want_max = xs
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            assert_eq!(f32::max_of(&xs), want_max, "n = {n}");
+            let shift = want_max.max(0.0);
+            // The reference subtracts in f32 too: the op's logits are f32.
+            let reference = |x: f32| f64::from(x - shift as f32).exp();
+            let want: f64 = xs.iter().map(|&x| reference(x)).sum();
+            let mut got = xs.clone();
+            let sum = f32::exp_shifted_sum(&mut got, shift);
+            assert!(
+                (sum - want).abs() <= 1e-6 * want.max(1e-30),
+                "n = {n}: {sum} vs {want}"
+            );
+            for (g, x) in got.iter().zip(&xs) {
+                let w = reference(*x);
+                assert!((f64::from(*g) - w).abs() <= 3e-7 * w, "{g} vs {w}");
+            }
+        }
+    }
+
+    /// Without a gradient to track, the op skips the key accumulation and
+    /// gives the same loss and lse; with one, the output's key blocks equal
+    /// `sum_j p_ij key_j` and the positives' key sum, computed naively.
+    #[test]
+    fn output_blocks_match_a_naive_reference() -> Result<()> {
+        let (b, d, k) = (5, 8, 1100);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut rand =
+            |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (qs, kk, queue) = (rand(b * d), rand(b * d), rand(k * d));
+        let rows: Vec<u32> = (0..b as u32).collect();
+        let slots: Vec<u32> = (0..k as u32)
+            .map(|j| if j % 7 == 0 { j % 5 } else { 99 })
+            .collect();
+        let dev = Device::Cpu;
+        let t = |v: &[f64], r: usize| Tensor::from_slice(v, (r, d), &dev);
+        let q_var = Var::from_tensor(&t(&qs, b)?)?;
+        let ids = Some((rows.clone(), slots.clone()));
+        let with = QueueContrastiveOp::new(ids.clone(), true);
+        let without = QueueContrastiveOp::new(ids, false);
+        let out = q_var
+            .as_tensor()
+            .apply_op3(&t(&kk, b)?, &t(&queue, k)?, with)?;
+        let bare = t(&qs, b)?.apply_op3(&t(&kk, b)?, &t(&queue, k)?, without)?;
+        let out = out.to_vec2::<f64>()?;
+        let bare = bare.to_vec2::<f64>()?;
+        for i in 0..b {
+            let key = |j: usize| -> &[f64] {
+                if j == 0 {
+                    &kk[i * d..(i + 1) * d]
+                } else {
+                    &queue[(j - 1) * d..j * d]
+                }
+            };
+            let logits: Vec<f64> = (0..=k)
+                .map(|j| dot(&qs[i * d..(i + 1) * d], key(j)))
+                .collect();
+            let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+            let pos: Vec<usize> = std::iter::once(0)
+                .chain((1..=k).filter(|&j| slots[j - 1] == rows[i]))
+                .collect();
+            let loss = lse - pos.iter().map(|&j| logits[j]).sum::<f64>() / pos.len() as f64;
+            let mut weighted = vec![0f64; d];
+            let mut pos_keys = vec![0f64; d];
+            for (j, l) in logits.iter().enumerate() {
+                let p = (l - lse).exp();
+                for (w, x) in weighted.iter_mut().zip(key(j)) {
+                    *w += p * x;
+                }
+            }
+            for &j in &pos {
+                for (s, x) in pos_keys.iter_mut().zip(key(j)) {
+                    *s += x;
+                }
+            }
+            let want: Vec<f64> = [loss, lse, pos.len() as f64]
+                .into_iter()
+                .chain(weighted)
+                .chain(pos_keys)
+                .collect();
+            for (c, (g, w)) in out[i].iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-10 * w.abs().max(1.0),
+                    "row {i} col {c}: {g} vs {w}"
+                );
+            }
+            assert_eq!(&bare[i][..CONTRASTIVE_HEAD], &out[i][..CONTRASTIVE_HEAD]);
+        }
+        Ok(())
+    }
 }

@@ -6,6 +6,7 @@ use cots_ops::queue::{
     queue_contrastive, queue_contrastive_naive, queue_kl, queue_kl_naive, KlDirection, PositiveIds,
     EMPTY_SLOT,
 };
+use cots_ops::queue_fused::TILE;
 use rand::{Rng, SeedableRng};
 
 fn unit(
@@ -96,7 +97,7 @@ fn contrastive_matches_naive_in_f64_and_f32() -> Result<()> {
     let cases = [
         Case {
             b: 6,
-            k: 1300,
+            k: 2 * TILE + 300,
             d: 16,
             tau: 0.07,
             scale: 1.0,
@@ -128,11 +129,11 @@ fn contrastive_matches_naive_in_f64_and_f32() -> Result<()> {
         },
         Case {
             b: 7,
-            k: 1030,
+            k: TILE + 30,
             d: 16,
             tau: 0.07,
             scale: 1.0,
-            ids: Some(ids(7, 1030, false, &mut rng)),
+            ids: Some(ids(7, TILE + 30, false, &mut rng)),
         },
         Case {
             b: 3,
@@ -220,7 +221,7 @@ fn kl_matches_naive_in_every_direction() -> Result<()> {
         KlDirection::T2iToI2t,
         KlDirection::Symmetric,
     ] {
-        for (b, k) in [(5, 1100), (1, 3), (4, 0)] {
+        for (b, k) in [(5, 2 * TILE + 100), (1, 3), (4, 0)] {
             let want = kl_all(dir, DType::F64, false, b, k, 12, 5)?;
             for (dtype, tol) in [(DType::F64, 1e-5), (DType::F32, 1e-4)] {
                 let got = kl_all(dir, dtype, true, b, k, 12, 5)?;
