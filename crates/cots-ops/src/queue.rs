@@ -135,8 +135,10 @@ pub fn queue_kl_naive(
 
 /// Instance-level contrastive loss over a negative queue (see the module doc).
 ///
-/// On the CPU (f32 or f64) this is the fused tiled op of [`crate::queue_fused`];
-/// elsewhere the naive composition. Both agree up to floating-point rounding.
+/// On the CPU (f32 or f64), and in f32 on CUDA with the `cuda` feature, this
+/// is the fused op of [`crate::queue_fused`] (its forward on CUDA is
+/// `kernels/queue_contrastive.cu`); elsewhere the naive composition. Both
+/// agree up to floating-point rounding.
 pub fn queue_contrastive(
     q: &Tensor,
     k: &Tensor,
@@ -144,7 +146,7 @@ pub fn queue_contrastive(
     ids: Option<PositiveIds>,
     tau: &Tensor,
 ) -> Result<QueueContrastiveOutput> {
-    if !fused_applies(q) {
+    if !contrastive_fused_applies(q) {
         return queue_contrastive_naive(q, k, queue, ids, tau);
     }
     let ids = match ids {
@@ -170,6 +172,12 @@ pub fn queue_contrastive(
 /// Whether the fused CPU op handles these inputs.
 fn fused_applies(q: &Tensor) -> bool {
     q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the fused contrastive op handles these inputs: on the CPU, or in
+/// f32 on CUDA when built with the `cuda` feature (`kernels/queue_contrastive.cu`).
+fn contrastive_fused_applies(q: &Tensor) -> bool {
+    fused_applies(q) || (cfg!(feature = "cuda") && q.device().is_cuda() && q.dtype() == DType::F32)
 }
 
 /// Task-level KL between the two retrieval distributions over lockstep queues.

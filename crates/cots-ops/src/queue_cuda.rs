@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Layout, Result, Shape};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::queue::EMPTY_SLOT;
@@ -249,68 +249,6 @@ pub(crate) fn contrastive_fwd(
     unsafe { launch.launch(cfg) }.w()?;
 
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
-}
-
-/// The raw forward output as a tensor op without a backward pass, for tests
-/// and benchmarks of the kernel (training goes through
-/// [`crate::queue::queue_contrastive`]).
-#[derive(Clone, Debug)]
-struct ForwardOp {
-    ids: Option<(Vec<u32>, Vec<u32>)>,
-}
-
-impl CustomOp3 for ForwardOp {
-    fn name(&self) -> &'static str {
-        "queue-contrastive-cuda-forward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("queue_contrastive_forward runs the CUDA kernel only; the tensors are on the CPU")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let ids = self
-            .ids
-            .as_ref()
-            .map(|(rows, slots)| (rows.as_slice(), slots.as_slice()));
-        contrastive_fwd(s1, l1, s2, l2, s3, l3, ids)
-    }
-}
-
-/// Runs the CUDA forward kernel alone (no backward) and returns its raw output.
-///
-/// # Shapes
-/// - `q_scaled` = `q / tau`, `k`: `[B, D]`; `queue`: `[K, D]`, f32 on one CUDA
-///   device; `ids`: `(rows [B], slots [K])`.
-/// - returns `[B, 3 + 2D]`: per row `loss, lse, cnt`, then the softmax-weighted
-///   mean key `sum_j p_ij key_j` (`D`), then the sum of the positive keys (`D`).
-pub fn queue_contrastive_forward(
-    q_scaled: &Tensor,
-    k: &Tensor,
-    queue: &Tensor,
-    ids: Option<(Vec<u32>, Vec<u32>)>,
-) -> Result<Tensor> {
-    q_scaled.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &queue.contiguous()?,
-        &ForwardOp { ids },
-    )
 }
 
 #[cfg(test)]

@@ -414,6 +414,26 @@ impl CustomOp3 for QueueContrastiveOp {
         Ok((out, Shape::from((b, CONTRASTIVE_HEAD + 2 * d))))
     }
 
+    /// The same forward pass as [`Self::cpu_fwd`] by the kernels of
+    /// `kernels/queue_contrastive.cu` (f32 only); they always fill the two
+    /// key blocks.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ids = self
+            .ids
+            .as_ref()
+            .map(|i| (i.rows.as_slice(), i.slots.as_slice()));
+        crate::queue_cuda::contrastive_fwd(s1, l1, s2, l2, s3, l3, ids)
+    }
+
     /// From the saved forward output alone, on any device: with
     /// `a = g_loss + g_lse` and `c = g_loss / cnt`, `dL/dl_ij = a p_ij - c
     /// [j positive]`, so `d q_i = a sum_j p_ij key_j - c sum_{j pos} key_j`
@@ -462,6 +482,22 @@ pub fn queue_contrastive_fused(
             QueueContrastiveOp::new(ids, with_grad),
         )?
         .narrow(1, 0, 2)
+}
+
+/// The op's whole output `[B, 3 + 2D]` (see [`QueueContrastiveOp`]) with no
+/// backward pass, on the CPU or, with the `cuda` feature, a CUDA device: what
+/// the tests compare between devices and the benchmarks time.
+pub fn queue_contrastive_raw(
+    q_scaled: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    ids: Option<(Vec<u32>, Vec<u32>)>,
+) -> Result<Tensor> {
+    q_scaled.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &queue.contiguous()?,
+        &QueueContrastiveOp::new(ids, true),
+    )
 }
 
 /// The task-level KL: inputs `(f / tau, t / tau)`, constants the momentum

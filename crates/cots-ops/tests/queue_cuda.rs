@@ -23,7 +23,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc;
     use candle_core::{DType, Device, Result, Tensor, Var};
     use cots_ops::queue::{queue_contrastive, PositiveIds, EMPTY_SLOT};
-    use cots_ops::queue_cuda::queue_contrastive_forward;
+    use cots_ops::queue_fused::queue_contrastive_raw as queue_contrastive_forward;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
