@@ -1,5 +1,6 @@
 //! Fused, tiled CPU implementations of the queue contrastive loss and the
-//! task-level KL, as candle custom ops with a backward pass.
+//! task-level KL, as candle custom ops with a backward pass (their CUDA
+//! forward passes: `queue_cuda` and `queue_kl_cuda`, feature `cuda`).
 //!
 //! Neither op ever holds the `B x (1+K)` logits: the queue is streamed in
 //! tiles of [`TILE`] slots, each tile's logits `[B, TILE]` come from one
@@ -866,6 +867,29 @@ impl CustomOp2 for QueueKlOp {
             _ => bail!("queue_kl: inputs must all be f32 or all f64"),
         };
         Ok((out, Shape::from((b, kl_width(self.direction, d)))))
+    }
+
+    /// The same forward pass as [`Self::cpu_fwd`] by the kernels of
+    /// `kernels/queue_kl.cu` (f32 only); they always fill the blocks.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::queue_kl_cuda::kl_fwd(
+            s1,
+            l1,
+            s2,
+            l2,
+            &self.t_m,
+            &self.queue_t,
+            &self.f_m,
+            &self.queue_i,
+            self.direction,
+        )
     }
 
     /// From the saved forward output alone, on any device (see the formulas
