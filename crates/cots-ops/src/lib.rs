@@ -7,8 +7,9 @@
 //! - [`queue`]: the contrastive softmax over negative queues (COTS instance
 //!   level) and the KL between the two retrieval distributions (task level),
 //!   as a naive reference composition and as fused, tiled custom ops;
-//! - `queue_cuda` (feature `cuda`): the CUDA forward kernel of the fused queue
-//!   contrastive op (`kernels/queue_contrastive.cu`).
+//! - `queue_cuda` and `queue_kl_cuda` (feature `cuda`): the CUDA forward
+//!   kernels of the fused queue contrastive op (`kernels/queue_contrastive.cu`)
+//!   and of the fused KL (`kernels/queue_kl.cu`).
 //!
 //! Nothing here knows about models, data or training.
 
@@ -17,5 +18,7 @@ pub mod queue;
 #[cfg(feature = "cuda")]
 pub mod queue_cuda;
 pub mod queue_fused;
+#[cfg(feature = "cuda")]
+pub mod queue_kl_cuda;
 
 pub use nn::{dropout, layer_norm, softmax_last_dim, SeededRng};

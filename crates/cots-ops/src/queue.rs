@@ -180,10 +180,23 @@ fn contrastive_fused_applies(q: &Tensor) -> bool {
     fused_applies(q) || (cfg!(feature = "cuda") && q.device().is_cuda() && q.dtype() == DType::F32)
 }
 
+/// Whether the fused KL op handles these inputs: on the CPU, or in f32 on
+/// CUDA when built with the `cuda` feature and `D` fits the kernel
+/// (`kernels/queue_kl.cu`).
+fn kl_fused_applies(f: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if f.device().is_cuda() && f.dtype() == DType::F32 {
+        return f.dim(1).is_ok_and(|d| d <= crate::queue_kl_cuda::MAX_DIM);
+    }
+    fused_applies(f)
+}
+
 /// Task-level KL between the two retrieval distributions over lockstep queues.
 ///
-/// On the CPU (f32 or f64) this is the fused tiled op of [`crate::queue_fused`];
-/// elsewhere the naive composition. Both agree up to rounding.
+/// On the CPU (f32 or f64), and in f32 on CUDA with the `cuda` feature for
+/// `D <= 512`, this is the fused op of [`crate::queue_fused`] (its forward on
+/// CUDA is `kernels/queue_kl.cu`); elsewhere the naive composition. Both
+/// agree up to rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn queue_kl(
     f: &Tensor,
@@ -195,7 +208,7 @@ pub fn queue_kl(
     tau: &Tensor,
     direction: KlDirection,
 ) -> Result<Tensor> {
-    if !fused_applies(f) {
+    if !kl_fused_applies(f) {
         return queue_kl_naive(f, t_m, queue_t, t, f_m, queue_i, tau, direction);
     }
     crate::queue_fused::queue_kl_fused(

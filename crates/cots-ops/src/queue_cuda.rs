@@ -31,9 +31,11 @@ use crate::queue::EMPTY_SLOT;
 const SOURCE: &str = include_str!("../../../kernels/queue_contrastive.cu");
 /// Name of the module in candle's per-device cache of custom modules.
 const MODULE: &str = "cots_queue_contrastive";
+/// The op's name in errors.
+const OP: &str = "queue_contrastive";
 
 /// Rows per block, one warp each (`ROWS_PER_BLOCK` in the kernel).
-const ROWS_PER_BLOCK: usize = 8;
+pub(crate) const ROWS_PER_BLOCK: usize = 8;
 /// Largest embedding width: 32 lanes x `DIMS_PER_LANE` registers in the kernel.
 pub(crate) const MAX_DIM: usize = 32 * 32;
 /// Queue keys per shared-memory tile at most (`MAX_TILE_KEYS` in the kernel).
@@ -50,11 +52,22 @@ const STAT_COLS: usize = 3;
 /// Floats in one partial-state record before the two `D`-wide blocks.
 const RECORD_STATS: usize = 4;
 
-/// PTX of [`SOURCE`], compiled once per process; the error is kept as text
-/// so that every later call reports it too.
+/// PTX of [`SOURCE`], compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let compiled = PTX.get_or_init(|| {
+    compile_once(&PTX, SOURCE, "queue_contrastive.cu", "queue_contrastive")
+}
+
+/// PTX of a kernel `source` (file name `file` under `kernels/`), compiled on
+/// the first call and kept in `cell`; the error is kept as text so that
+/// every later call reports it too. `op` names the op in errors.
+pub(crate) fn compile_once(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    file: &str,
+    op: &str,
+) -> Result<&'static str> {
+    let compiled = cell.get_or_init(|| {
         // cudarc loads libnvrtc on first use and panics if it is missing.
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -63,47 +76,48 @@ fn ptx() -> Result<&'static str> {
                 .to_string());
         }
         let opts = cudarc::nvrtc::CompileOptions {
-            name: Some("queue_contrastive.cu".to_string()),
+            name: Some(file.to_string()),
             ..Default::default()
         };
-        cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        cudarc::nvrtc::compile_ptx_with_opts(source, opts)
             .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("NVRTC could not compile kernels/queue_contrastive.cu: {e}"))
+            .map_err(|e| format!("NVRTC could not compile kernels/{file}: {e}"))
     });
     match compiled {
         Ok(ptx) => Ok(ptx.as_str()),
-        Err(msg) => bail!("queue_contrastive (CUDA): {msg}"),
+        Err(msg) => bail!("{op} (CUDA): {msg}"),
     }
 }
 
-/// Checks that `s` is a contiguous f32 matrix and returns its `(rows, cols)`
-/// and the element range it covers in its storage.
-fn matrix(
+/// Checks that `s` (input `name` of `op`) is a contiguous f32 matrix and
+/// returns its `(rows, cols)` and the element range it covers in its storage.
+pub(crate) fn matrix(
+    op: &str,
     name: &str,
     s: &CudaStorage,
     l: &Layout,
 ) -> Result<((usize, usize), std::ops::Range<usize>)> {
     if s.dtype() != DType::F32 {
         bail!(
-            "queue_contrastive (CUDA): `{name}` is {:?}; the CUDA kernel runs in f32 only",
+            "{op} (CUDA): `{name}` is {:?}; the CUDA kernel runs in f32 only",
             s.dtype()
         )
     }
     let dims = l.shape().dims2().map_err(|_| {
         candle_core::Error::Msg(format!(
-            "queue_contrastive (CUDA): `{name}` must be a matrix, got shape {:?}",
+            "{op} (CUDA): `{name}` must be a matrix, got shape {:?}",
             l.shape()
         ))
     })?;
     let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("queue_contrastive (CUDA): `{name}` must be contiguous")
+        bail!("{op} (CUDA): `{name}` must be contiguous")
     };
     Ok((dims, start..end))
 }
 
 /// The number of queue splits for `b` rows and `k` queue slots: enough blocks
 /// to fill the GPU, at least [`MIN_KEYS_PER_SPLIT`] keys per split, at least one.
-fn split_count(b: usize, k: usize) -> usize {
+pub(crate) fn split_count(b: usize, k: usize) -> usize {
     let row_blocks = b.div_ceil(ROWS_PER_BLOCK).max(1);
     TARGET_BLOCKS
         .div_ceil(row_blocks)
@@ -124,10 +138,11 @@ fn upload_ids(
     }
 }
 
-fn to_i32(name: &str, v: usize) -> Result<i32> {
+/// `v` as the kernels' 32-bit index type (`name` of `op` in the error).
+pub(crate) fn to_i32(op: &str, name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         candle_core::Error::Msg(format!(
-            "queue_contrastive (CUDA): {name} = {v} does not fit the kernel's 32-bit indices"
+            "{op} (CUDA): {name} = {v} does not fit the kernel's 32-bit indices"
         ))
     })
 }
@@ -150,9 +165,9 @@ pub(crate) fn contrastive_fwd(
     lqu: &Layout,
     ids: Option<(&[u32], &[u32])>,
 ) -> Result<(CudaStorage, Shape)> {
-    let ((b, d), q_range) = matrix("q / tau", qs, lq)?;
-    let ((bk, dk), k_range) = matrix("k", k, lk)?;
-    let ((kq, dq), queue_range) = matrix("queue", queue, lqu)?;
+    let ((b, d), q_range) = matrix(OP, "q / tau", qs, lq)?;
+    let ((bk, dk), k_range) = matrix(OP, "k", k, lk)?;
+    let ((kq, dq), queue_range) = matrix(OP, "queue", queue, lqu)?;
     if (bk, dk) != (b, d) || dq != d {
         bail!(
             "queue_contrastive (CUDA): shapes q [{b}, {d}], k [{bk}, {dk}], queue [{kq}, {dq}] \
@@ -197,11 +212,15 @@ pub(crate) fn contrastive_fwd(
     let q_view = qs.as_cuda_slice::<f32>()?.slice(q_range);
     let k_view = k.as_cuda_slice::<f32>()?.slice(k_range);
     let queue_view = queue.as_cuda_slice::<f32>()?.slice(queue_range);
-    let (b_i, k_i, d_i) = (to_i32("B", b)?, to_i32("K", kq)?, to_i32("D", d)?);
+    let (b_i, k_i, d_i) = (
+        to_i32(OP, "B", b)?,
+        to_i32(OP, "K", kq)?,
+        to_i32(OP, "D", d)?,
+    );
     let (splits_i, per_split_i, tile_i) = (
-        to_i32("splits", splits)?,
-        to_i32("keys per split", keys_per_split)?,
-        to_i32("tile keys", tile_keys)?,
+        to_i32(OP, "splits", splits)?,
+        to_i32(OP, "keys per split", keys_per_split)?,
+        to_i32(OP, "tile keys", tile_keys)?,
     );
     let row_blocks = b.div_ceil(ROWS_PER_BLOCK) as u32;
     let threads = (32 * ROWS_PER_BLOCK) as u32;

@@ -1,5 +1,6 @@
 //! Fused, tiled CPU implementations of the queue contrastive loss and the
-//! task-level KL, as candle custom ops with a backward pass.
+//! task-level KL, as candle custom ops with a backward pass (their CUDA
+//! forward passes: `queue_cuda` and `queue_kl_cuda`, feature `cuda`).
 //!
 //! Neither op ever holds the `B x (1+K)` logits: the queue is streamed in
 //! tiles of [`TILE`] slots, each tile's logits `[B, TILE]` come from one
@@ -17,8 +18,10 @@
 //! backward is a few `[B, D]` tensor ops that run on any device. Extra memory
 //! is `O(B * (TILE + D))` whatever `K` is.
 //!
-//! The KL op recomputes its tiles in the backward pass from the saved
-//! log-normalisers.
+//! The KL op works the same way: one streaming pass computes both
+//! log-normalisers, the expectations of the log-ratio and the softmax-weighted
+//! key sums its gradients are made of (see [`QueueKlOp`]), and its backward
+//! pass is a few `[B, D]` tensor ops on the forward output.
 //!
 //! The temperature is handled outside: callers pass `q / tau`, so autograd
 //! gives `tau` its gradient through that division.
@@ -500,8 +503,83 @@ pub fn queue_contrastive_raw(
     )
 }
 
+/// Columns of the KL op's output before its `[D]` blocks.
+pub const KL_HEAD: usize = 5;
+
+/// One `[D]` block of the KL op's output: a softmax-weighted sum of keys.
+///
+/// For row `i`, `a_j = fs_i . keyT_j` with `keyT_0 = t_m_i`, `keyT_j =
+/// queue_t_{j-1}`, and `b_j = ts_i . keyI_j` with `keyI_0 = f_m_i`, `keyI_j =
+/// queue_i_{j-1}`; `P = softmax(a)`, `Q = softmax(b)` and `c = a - b`. The
+/// blocks weighted by `c` centre it at the row's own pair, `c_0 = a_0 - b_0`:
+/// the gradients only see `c` minus its expectation, so the shift changes
+/// nothing but rounding, and it makes the gradients of identical
+/// distributions (an empty queue) exactly zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlBlock {
+    /// `sum_j P_j keyT_j`.
+    PKeyT,
+    /// `sum_j Q_j keyI_j`.
+    QKeyI,
+    /// `sum_j P_j (c_j - c_0) keyT_j` (needed by `KL(P || Q)` only).
+    PcKeyT,
+    /// `sum_j P_j keyI_j` (`KL(P || Q)` only).
+    PKeyI,
+    /// `sum_j Q_j keyT_j` (`KL(Q || P)` only).
+    QKeyT,
+    /// `sum_j Q_j (c_j - c_0) keyI_j` (`KL(Q || P)` only).
+    QcKeyI,
+}
+
+impl KlBlock {
+    /// The blocks of the output for `direction`, in their order.
+    pub fn all(direction: KlDirection) -> &'static [KlBlock] {
+        use KlBlock::*;
+        match direction {
+            KlDirection::I2tToT2i => &[PKeyT, QKeyI, PcKeyT, PKeyI],
+            KlDirection::T2iToI2t => &[PKeyT, QKeyI, QKeyT, QcKeyI],
+            KlDirection::Symmetric => &[PKeyT, QKeyI, PcKeyT, PKeyI, QKeyT, QcKeyI],
+        }
+    }
+
+    /// Whether the block is weighted by `P` (else by `Q`).
+    fn under_p(self) -> bool {
+        matches!(self, KlBlock::PKeyT | KlBlock::PcKeyT | KlBlock::PKeyI)
+    }
+
+    /// Whether the block sums text keys `keyT` (else image keys `keyI`).
+    fn text_keys(self) -> bool {
+        matches!(self, KlBlock::PKeyT | KlBlock::PcKeyT | KlBlock::QKeyT)
+    }
+
+    /// Whether the weights are multiplied by `c - c_0`.
+    fn times_c(self) -> bool {
+        matches!(self, KlBlock::PcKeyT | KlBlock::QcKeyI)
+    }
+}
+
+/// Columns of the KL op's output for `direction` and width `d`.
+pub fn kl_width(direction: KlDirection, d: usize) -> usize {
+    KL_HEAD + KlBlock::all(direction).len() * d
+}
+
 /// The task-level KL: inputs `(f / tau, t / tau)`, constants the momentum
-/// keys and queues; output `[B]`.
+/// keys and queues.
+///
+/// Output `[B, 5 + n D]`, row `i` (notation of [`KlBlock`]): the KL of the
+/// direction, `lse(a)`, `lse(b)`, `E_P[c] - c_0`, `E_Q[c] - c_0`, then the `n` blocks of
+/// [`KlBlock::all`] (4 for one direction, 6 for the symmetric KL). The blocks
+/// are what the backward pass needs; they are zero when no input tracks a
+/// gradient. [`queue_kl_fused`] returns the first column.
+///
+/// With `KL(P || Q) = E_P[c] - lse(a) + lse(b)` and `KL(Q || P) = -E_Q[c] -
+/// lse(b) + lse(a)`, the logit gradients are `dKL(P||Q)/da_j = P_j (c_j -
+/// E_P[c])`, `dKL(P||Q)/db_j = Q_j - P_j`, `dKL(Q||P)/db_j = -Q_j (c_j -
+/// E_Q[c])` and `dKL(Q||P)/da_j = P_j - Q_j`, so `d fs = sum_j (dKL/da_j)
+/// keyT_j` and `d ts = sum_j (dKL/db_j) keyI_j` are combinations of the
+/// blocks. One streaming pass accumulates them flash-attention style, with
+/// weights `exp(a_j - max a)` and `exp(b_j - max b)` rescaled whenever a
+/// running max moves; per tile that is 2 logit gemms and one gemm per block.
 #[derive(Clone, Debug)]
 pub struct QueueKlOp {
     t_m: Tensor,
@@ -509,21 +587,138 @@ pub struct QueueKlOp {
     f_m: Tensor,
     queue_i: Tensor,
     direction: KlDirection,
+    /// Whether the forward pass accumulates the blocks for backward.
+    with_grad: bool,
 }
 
-/// Per-row statistics of one distribution pair.
-struct KlRows {
-    lse_p: Vec<f64>,
-    lse_q: Vec<f64>,
-    /// `sum_j P_j (a_j - b_j)` and `sum_j Q_j (b_j - a_j)`.
-    e_p: Vec<f64>,
-    e_q: Vec<f64>,
+/// The running state of one row: maxima, sums of the shifted exponentials
+/// and of the shifted exponentials times `c - c_0`, all relative to the maxima.
+#[derive(Clone, Copy, Debug)]
+struct KlState {
+    max_a: f64,
+    sum_a: f64,
+    max_b: f64,
+    sum_b: f64,
+    /// `sum_j exp(a_j - max_a) (c_j - c_0)`.
+    c_a: f64,
+    /// `sum_j exp(b_j - max_b) (c_j - c_0)`.
+    c_b: f64,
+    /// `c_0 = a_0 - b_0`.
+    c0: f64,
+}
+
+impl KlState {
+    /// Column 0 opens both running maxima, so its weights are `exp(0) = 1`
+    /// (and its centred `c` is 0).
+    fn first(a0: f64, b0: f64) -> Self {
+        Self {
+            max_a: a0,
+            sum_a: 1.0,
+            max_b: b0,
+            sum_b: 1.0,
+            c_a: 0.0,
+            c_b: 0.0,
+            c0: a0 - b0,
+        }
+    }
+
+    /// Takes one tile's logits `a`, `b` of this row; leaves the weights
+    /// `exp(a - max_a)`, `exp(b - max_b)` in `a` and `b` and those weights times
+    /// `c - c_0` in `ca` and `cb`, and returns the factors that rescale the old
+    /// P-weighted and Q-weighted sums to the new maxima.
+    fn update<T: Real>(
+        &mut self,
+        a: &mut [T],
+        b: &mut [T],
+        ca: &mut [T],
+        cb: &mut [T],
+    ) -> (f64, f64) {
+        let c0 = T::from_f64(self.c0);
+        for ((c, x), y) in ca.iter_mut().zip(&*a).zip(&*b) {
+            *c = *x - *y - c0;
+        }
+        let max_a = self.max_a.max(T::max_of(a));
+        let max_b = self.max_b.max(T::max_of(b));
+        let scale_a = (self.max_a - max_a).exp();
+        let scale_b = (self.max_b - max_b).exp();
+        self.sum_a = self.sum_a * scale_a + T::exp_shifted_sum(a, max_a);
+        self.sum_b = self.sum_b * scale_b + T::exp_shifted_sum(b, max_b);
+        self.max_a = max_a;
+        self.max_b = max_b;
+        let (sa, sb) = weigh_by_c(a, b, ca, cb);
+        self.c_a = self.c_a * scale_a + sa;
+        self.c_b = self.c_b * scale_b + sb;
+        (scale_a, scale_b)
+    }
+
+    fn lse_a(&self) -> f64 {
+        self.max_a + self.sum_a.ln()
+    }
+
+    fn lse_b(&self) -> f64 {
+        self.max_b + self.sum_b.ln()
+    }
+}
+
+/// With `c` in `ca`: `cb = wb c`, `ca = wa c`; returns both sums (in f64 lanes,
+/// because `E_P[c] - lse(a)` cancels).
+fn weigh_by_c<T: Real>(wa: &[T], wb: &[T], ca: &mut [T], cb: &mut [T]) -> (f64, f64) {
+    const N: usize = 8;
+    let (mut sa, mut sb) = ([0f64; N], [0f64; N]);
+    let mut rows = ca.chunks_exact_mut(N).zip(cb.chunks_exact_mut(N));
+    let mut weights = wa.chunks_exact(N).zip(wb.chunks_exact(N));
+    for ((ca, cb), (wa, wb)) in (&mut rows).zip(&mut weights) {
+        for l in 0..N {
+            cb[l] = wb[l] * ca[l];
+            ca[l] *= wa[l];
+            sa[l] += ca[l].to_f64();
+            sb[l] += cb[l].to_f64();
+        }
+    }
+    let done = wa.len() - wa.len() % N;
+    let (mut ta, mut tb): (f64, f64) = (sa.iter().sum(), sb.iter().sum());
+    for j in done..wa.len() {
+        cb[j] = wb[j] * ca[j];
+        ca[j] *= wa[j];
+        ta += ca[j].to_f64();
+        tb += cb[j].to_f64();
+    }
+    (ta, tb)
 }
 
 impl QueueKlOp {
-    /// Streams both logit sets; `visit(i, a_j, b_j)` sees every column of row i.
+    /// The op for constants `t_m`, `f_m` `[B, D]` and `queue_t`, `queue_i`
+    /// `[K, D]` (detached); `with_grad` makes the forward pass fill the blocks.
+    pub fn new(
+        t_m: &Tensor,
+        queue_t: &Tensor,
+        f_m: &Tensor,
+        queue_i: &Tensor,
+        direction: KlDirection,
+        with_grad: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            t_m: t_m.detach().contiguous()?,
+            queue_t: queue_t.detach().contiguous()?,
+            f_m: f_m.detach().contiguous()?,
+            queue_i: queue_i.detach().contiguous()?,
+            direction,
+            with_grad,
+        })
+    }
+
+    /// `(KL(P || Q), KL(Q || P))` weights of the direction.
+    fn weights(&self) -> (f64, f64) {
+        match self.direction {
+            KlDirection::I2tToT2i => (1.0, 0.0),
+            KlDirection::T2iToI2t => (0.0, 1.0),
+            KlDirection::Symmetric => (0.5, 0.5),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn stream<T: Real>(
+    fn forward<T: Real>(
+        &self,
         fs: &[T],
         ts: &[T],
         tm: &[T],
@@ -532,110 +727,104 @@ impl QueueKlOp {
         qi: &[T],
         b: usize,
         d: usize,
-        mut visit: impl FnMut(usize, usize, &[T], &[T]),
-    ) {
+    ) -> Vec<T> {
         let k = qt.len() / d.max(1);
-        let mut ta = vec![T::from_f64(0.0); b * TILE];
-        let mut tb = vec![T::from_f64(0.0); b * TILE];
-        // Column 0.
-        let a0: Vec<T> = (0..b)
-            .map(|i| T::from_f64(dot(&fs[i * d..(i + 1) * d], &tm[i * d..(i + 1) * d])))
-            .collect();
-        let b0: Vec<T> = (0..b)
-            .map(|i| T::from_f64(dot(&ts[i * d..(i + 1) * d], &fm[i * d..(i + 1) * d])))
-            .collect();
-        for i in 0..b {
-            visit(i, 0, &a0[i..i + 1], &b0[i..i + 1]);
+        let zero = T::from_f64(0.0);
+        let blocks = KlBlock::all(self.direction);
+        fn row<T>(x: &[T], i: usize, d: usize) -> &[T] {
+            &x[i * d..(i + 1) * d]
         }
+        // Column 0, rounded to T like the tiles' logits.
+        let mut state: Vec<KlState> = (0..b)
+            .map(|i| {
+                let a0 = T::from_f64(dot(row(fs, i, d), row(tm, i, d))).to_f64();
+                let b0 = T::from_f64(dot(row(ts, i, d), row(fm, i, d))).to_f64();
+                KlState::first(a0, b0)
+            })
+            .collect();
+        let mut acc: Vec<Vec<T>> = if self.with_grad {
+            blocks
+                .iter()
+                .map(|blk| {
+                    let keys = if blk.text_keys() { tm } else { fm };
+                    if blk.times_c() {
+                        vec![zero; b * d]
+                    } else {
+                        keys.to_vec()
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let n = b * TILE.min(k);
+        let (mut ta, mut tb, mut ca, mut cb) =
+            (vec![zero; n], vec![zero; n], vec![zero; n], vec![zero; n]);
+        let mut scales = vec![(1.0, 1.0); b];
         for t0 in (0..k).step_by(TILE) {
             let tn = TILE.min(k - t0);
-            matmul(
-                b,
-                tn,
-                d,
-                fs,
-                &qt[t0 * d..(t0 + tn) * d],
-                true,
-                &mut ta,
-                false,
-            );
-            matmul(
-                b,
-                tn,
-                d,
-                ts,
-                &qi[t0 * d..(t0 + tn) * d],
-                true,
-                &mut tb,
-                false,
-            );
-            for i in 0..b {
-                visit(
-                    i,
-                    1 + t0,
-                    &ta[i * tn..(i + 1) * tn],
-                    &tb[i * tn..(i + 1) * tn],
-                );
+            let (kt, ki) = (&qt[t0 * d..(t0 + tn) * d], &qi[t0 * d..(t0 + tn) * d]);
+            let (ta, tb) = (&mut ta[..b * tn], &mut tb[..b * tn]);
+            let (ca, cb) = (&mut ca[..b * tn], &mut cb[..b * tn]);
+            matmul(b, tn, d, fs, kt, true, ta, false);
+            matmul(b, tn, d, ts, ki, true, tb, false);
+            ta.par_chunks_mut(tn)
+                .zip(tb.par_chunks_mut(tn))
+                .zip(ca.par_chunks_mut(tn))
+                .zip(cb.par_chunks_mut(tn))
+                .zip(state.par_iter_mut())
+                .zip(scales.par_iter_mut())
+                .for_each(|(((((ra, rb), rca), rcb), s), scale)| {
+                    *scale = s.update(ra, rb, rca, rcb);
+                });
+            if !self.with_grad {
+                continue;
+            }
+            for (blk, acc) in blocks.iter().zip(&mut acc) {
+                let p = blk.under_p();
+                acc.par_chunks_mut(d.max(1))
+                    .zip(scales.par_iter())
+                    .for_each(|(r, &(sa, sb))| {
+                        let s = if p { sa } else { sb };
+                        if s != 1.0 {
+                            for x in r {
+                                *x = T::from_f64(x.to_f64() * s);
+                            }
+                        }
+                    });
+                let (w, keys): (&[T], _) = match blk {
+                    KlBlock::PKeyT => (ta, kt),
+                    KlBlock::QKeyI => (tb, ki),
+                    KlBlock::PcKeyT => (ca, kt),
+                    KlBlock::PKeyI => (ta, ki),
+                    KlBlock::QKeyT => (tb, kt),
+                    KlBlock::QcKeyI => (cb, ki),
+                };
+                matmul(b, d, tn, w, keys, false, acc, true);
             }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn rows<T: Real>(
-        fs: &[T],
-        ts: &[T],
-        tm: &[T],
-        qt: &[T],
-        fm: &[T],
-        qi: &[T],
-        b: usize,
-        d: usize,
-    ) -> KlRows {
-        // Pass 1: online log-sum-exp of both distributions.
-        let (mut mp, mut sp) = (vec![f64::NEG_INFINITY; b], vec![0f64; b]);
-        let (mut mq, mut sq) = (vec![f64::NEG_INFINITY; b], vec![0f64; b]);
-        let online = |m: &mut f64, s: &mut f64, xs: &[T]| {
-            let tile_max = xs.iter().fold(f64::NEG_INFINITY, |a, v| a.max(v.to_f64()));
-            let new = m.max(tile_max);
-            *s = if m.is_finite() {
-                *s * (*m - new).exp()
-            } else {
-                0.0
-            } + xs.iter().map(|v| (v.to_f64() - new).exp()).sum::<f64>();
-            *m = new;
-        };
-        Self::stream(fs, ts, tm, qt, fm, qi, b, d, |i, _, a, bb| {
-            online(&mut mp[i], &mut sp[i], a);
-            online(&mut mq[i], &mut sq[i], bb);
-        });
-        let lse_p: Vec<f64> = (0..b).map(|i| mp[i] + sp[i].ln()).collect();
-        let lse_q: Vec<f64> = (0..b).map(|i| mq[i] + sq[i].ln()).collect();
-        // Pass 2: expectations of the log-ratio under each distribution.
-        let (mut e_p, mut e_q) = (vec![0f64; b], vec![0f64; b]);
-        Self::stream(fs, ts, tm, qt, fm, qi, b, d, |i, _, a, bb| {
-            for (x, y) in a.iter().zip(bb) {
-                let (x, y) = (x.to_f64(), y.to_f64());
-                e_p[i] += (x - lse_p[i]).exp() * (x - y);
-                e_q[i] += (y - lse_q[i]).exp() * (y - x);
-            }
-        });
-        KlRows {
-            lse_p,
-            lse_q,
-            e_p,
-            e_q,
-        }
-    }
-
-    fn kl(&self, r: &KlRows, i: usize) -> f64 {
-        // KL(P||Q) = E_P[a - b] - lse_p + lse_q, and symmetrically.
-        let pq = r.e_p[i] - r.lse_p[i] + r.lse_q[i];
-        let qp = r.e_q[i] - r.lse_q[i] + r.lse_p[i];
-        match self.direction {
-            KlDirection::I2tToT2i => pq,
-            KlDirection::T2iToI2t => qp,
-            KlDirection::Symmetric => 0.5 * (pq + qp),
-        }
+        let (wpq, wqp) = self.weights();
+        let width = kl_width(self.direction, d);
+        let mut out = vec![zero; b * width];
+        out.par_chunks_mut(width)
+            .zip(state.par_iter())
+            .enumerate()
+            .for_each(|(i, (o, s))| {
+                let (lse_a, lse_b) = (s.lse_a(), s.lse_b());
+                // Centred: E_P[c] - c_0 and E_Q[c] - c_0.
+                let (e_p, e_q) = (s.c_a / s.sum_a, s.c_b / s.sum_b);
+                let kl = wpq * (e_p + s.c0 - lse_a + lse_b) + wqp * (-(e_q + s.c0) - lse_b + lse_a);
+                for (o, x) in o.iter_mut().zip([kl, lse_a, lse_b, e_p, e_q]) {
+                    *o = T::from_f64(x);
+                }
+                for ((o, blk), acc) in o[KL_HEAD..].chunks_mut(d.max(1)).zip(blocks).zip(&acc) {
+                    let norm = if blk.under_p() { s.sum_a } else { s.sum_b };
+                    for (o, x) in o.iter_mut().zip(row(acc, i, d)) {
+                        *o = T::from_f64(x.to_f64() / norm);
+                    }
+                }
+            });
+        out
     }
 
     fn consts<T: Real, R>(&self, f: impl FnOnce(&[T], &[T], &[T], &[T]) -> Result<R>) -> Result<R> {
@@ -646,73 +835,6 @@ impl QueueKlOp {
                 })
             })
         })
-    }
-
-    /// Gradients w.r.t. the scaled queries `(d fs, d ts)` for output gradient `g` `[B]`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(
-        &self,
-        fs: &[T],
-        ts: &[T],
-        tm: &[T],
-        qt: &[T],
-        fm: &[T],
-        qi: &[T],
-        g: &[T],
-        b: usize,
-        d: usize,
-    ) -> (Vec<T>, Vec<T>) {
-        let r = Self::rows(fs, ts, tm, qt, fm, qi, b, d);
-        let (wpq, wqp) = match self.direction {
-            KlDirection::I2tToT2i => (1.0, 0.0),
-            KlDirection::T2iToI2t => (0.0, 1.0),
-            KlDirection::Symmetric => (0.5, 0.5),
-        };
-        // With c = a - b: dKL(P||Q)/da = P (c - E_P c), dKL(P||Q)/db = Q - P;
-        // dKL(Q||P)/db = Q (-c - E_Q[-c]), dKL(Q||P)/da = P - Q.
-        let coef = |i: usize, x: f64, y: f64| -> (f64, f64) {
-            let p = (x - r.lse_p[i]).exp();
-            let q = (y - r.lse_q[i]).exp();
-            let gi = g[i].to_f64();
-            let da = wpq * p * ((x - y) - r.e_p[i]) + wqp * (p - q);
-            let db = wpq * (q - p) + wqp * q * ((y - x) - r.e_q[i]);
-            (gi * da, gi * db)
-        };
-        let k = qt.len() / d.max(1);
-        let mut gf = vec![T::from_f64(0.0); b * d];
-        let mut gt = vec![T::from_f64(0.0); b * d];
-        for i in 0..b {
-            // Rounded to T exactly as the forward pass saw column 0.
-            let x = T::from_f64(dot(&fs[i * d..(i + 1) * d], &tm[i * d..(i + 1) * d])).to_f64();
-            let y = T::from_f64(dot(&ts[i * d..(i + 1) * d], &fm[i * d..(i + 1) * d])).to_f64();
-            let (ca, cb) = coef(i, x, y);
-            for z in 0..d {
-                gf[i * d + z] = T::from_f64(ca * tm[i * d + z].to_f64());
-                gt[i * d + z] = T::from_f64(cb * fm[i * d + z].to_f64());
-            }
-        }
-        let mut ta = vec![T::from_f64(0.0); b * TILE];
-        let mut tb = vec![T::from_f64(0.0); b * TILE];
-        for t0 in (0..k).step_by(TILE) {
-            let tn = TILE.min(k - t0);
-            let (kt, ki) = (&qt[t0 * d..(t0 + tn) * d], &qi[t0 * d..(t0 + tn) * d]);
-            matmul(b, tn, d, fs, kt, true, &mut ta, false);
-            matmul(b, tn, d, ts, ki, true, &mut tb, false);
-            ta[..b * tn]
-                .par_chunks_mut(tn)
-                .zip(tb[..b * tn].par_chunks_mut(tn))
-                .enumerate()
-                .for_each(|(i, (ra, rb))| {
-                    for (x, y) in ra.iter_mut().zip(rb.iter_mut()) {
-                        let (ca, cb) = coef(i, x.to_f64(), y.to_f64());
-                        *x = T::from_f64(ca);
-                        *y = T::from_f64(cb);
-                    }
-                });
-            matmul(b, d, tn, &ta[..b * tn], kt, false, &mut gf, true);
-            matmul(b, d, tn, &tb[..b * tn], ki, false, &mut gt, true);
-        }
-        (gf, gt)
     }
 }
 
@@ -733,9 +855,8 @@ impl CustomOp2 for QueueKlOp {
             ($t:ty) => {{
                 let (fs, ts) = (slice_of::<$t>(s1, l1)?, slice_of::<$t>(s2, l2)?);
                 self.consts::<$t, _>(|tm, qt, fm, qi| {
-                    let r = Self::rows(fs, ts, tm, qt, fm, qi, b, d);
                     Ok(<$t>::to_cpu_storage_owned(
-                        (0..b).map(|i| <$t>::from_f64(self.kl(&r, i))).collect(),
+                        self.forward(fs, ts, tm, qt, fm, qi, b, d),
                     ))
                 })?
             }};
@@ -745,41 +866,82 @@ impl CustomOp2 for QueueKlOp {
             (CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64),
             _ => bail!("queue_kl: inputs must all be f32 or all f64"),
         };
-        Ok((out, Shape::from(b)))
+        Ok((out, Shape::from((b, kl_width(self.direction, d)))))
     }
 
+    /// The same forward pass as [`Self::cpu_fwd`] by the kernels of
+    /// `kernels/queue_kl.cu` (f32 only); they always fill the blocks.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::queue_kl_cuda::kl_fwd(
+            s1,
+            l1,
+            s2,
+            l2,
+            &self.t_m,
+            &self.queue_t,
+            &self.f_m,
+            &self.queue_i,
+            self.direction,
+        )
+    }
+
+    /// From the saved forward output alone, on any device (see the formulas
+    /// on [`QueueKlOp`]); only the KL column's gradient counts.
     fn bwd(
         &self,
         fs: &Tensor,
-        ts: &Tensor,
-        _res: &Tensor,
+        _ts: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, d) = fs.dims2()?;
-        let grad = grad.contiguous()?;
-        macro_rules! run {
-            ($t:ty) => {{
-                let (gf, gt) = with_slice::<$t, _>(fs, |f| {
-                    with_slice::<$t, _>(ts, |t| {
-                        with_slice::<$t, _>(&grad, |g| {
-                            self.consts::<$t, _>(|tm, qt, fm, qi| {
-                                Ok(self.backward(f, t, tm, qt, fm, qi, g, b, d))
-                            })
-                        })
-                    })
-                })?;
-                (
-                    Tensor::from_vec(gf, (b, d), fs.device())?,
-                    Tensor::from_vec(gt, (b, d), fs.device())?,
-                )
-            }};
+        if !self.with_grad {
+            bail!("queue_kl: backward through a forward run without gradients");
         }
-        let (gf, gt) = match fs.dtype() {
-            candle_core::DType::F32 => run!(f32),
-            candle_core::DType::F64 => run!(f64),
-            dt => bail!("queue_kl: unsupported dtype {dt:?}"),
+        let d = fs.dim(1)?;
+        let blocks = KlBlock::all(self.direction);
+        let block = |which: KlBlock| -> Result<Tensor> {
+            match blocks.iter().position(|&b| b == which) {
+                Some(n) => res.narrow(1, KL_HEAD + n * d, d),
+                None => bail!("queue_kl: no {which:?} block for {:?}", self.direction),
+            }
         };
-        Ok((Some(gf), Some(gt)))
+        let (wpq, wqp) = self.weights();
+        // The blocks and expectations share the shift c_0, which cancels.
+        let (e_p, e_q) = (res.narrow(1, 3, 1)?, res.narrow(1, 4, 1)?);
+        let mut gf: Option<Tensor> = None;
+        let mut gt: Option<Tensor> = None;
+        let add = |sum: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match sum {
+                Some(s) => (s + x)?,
+                None => x,
+            }))
+        };
+        if wpq > 0.0 {
+            let p_kt = block(KlBlock::PKeyT)?;
+            let f = (block(KlBlock::PcKeyT)? - p_kt.broadcast_mul(&e_p)?)?;
+            let t = (block(KlBlock::QKeyI)? - block(KlBlock::PKeyI)?)?;
+            gf = add(gf, (f * wpq)?)?;
+            gt = add(gt, (t * wpq)?)?;
+        }
+        if wqp > 0.0 {
+            let q_ki = block(KlBlock::QKeyI)?;
+            let f = (block(KlBlock::PKeyT)? - block(KlBlock::QKeyT)?)?;
+            let t = (q_ki.broadcast_mul(&e_q)? - block(KlBlock::QcKeyI)?)?;
+            gf = add(gf, (f * wqp)?)?;
+            gt = add(gt, (t * wqp)?)?;
+        }
+        let g = grad.narrow(1, 0, 1)?;
+        let (Some(gf), Some(gt)) = (gf, gt) else {
+            bail!("queue_kl: a direction without a KL term")
+        };
+        Ok((Some(gf.broadcast_mul(&g)?), Some(gt.broadcast_mul(&g)?)))
     }
 }
 
@@ -798,22 +960,38 @@ pub fn queue_kl_fused(
     queue_i: &Tensor,
     direction: KlDirection,
 ) -> Result<Tensor> {
-    let op = QueueKlOp {
-        t_m: t_m.detach().contiguous()?,
-        queue_t: queue_t.detach().contiguous()?,
-        f_m: f_m.detach().contiguous()?,
-        queue_i: queue_i.detach().contiguous()?,
-        direction,
-    };
+    let with_grad = f_scaled.track_op() || t_scaled.track_op();
+    let op = QueueKlOp::new(t_m, queue_t, f_m, queue_i, direction, with_grad)?;
     f_scaled
         .contiguous()?
-        .apply_op2(&t_scaled.contiguous()?, op)
+        .apply_op2(&t_scaled.contiguous()?, op)?
+        .narrow(1, 0, 1)?
+        .squeeze(1)
+}
+
+/// The op's whole output `[B, 5 + n D]` (see [`QueueKlOp`]) with no backward
+/// pass, on the CPU or, with the `cuda` feature, a CUDA device: what the tests
+/// compare between devices and the benchmarks time.
+#[allow(clippy::too_many_arguments)]
+pub fn queue_kl_raw(
+    f_scaled: &Tensor,
+    t_m: &Tensor,
+    queue_t: &Tensor,
+    t_scaled: &Tensor,
+    f_m: &Tensor,
+    queue_i: &Tensor,
+    direction: KlDirection,
+) -> Result<Tensor> {
+    let op = QueueKlOp::new(t_m, queue_t, f_m, queue_i, direction, true)?;
+    f_scaled
+        .contiguous()?
+        .apply_op2_no_bwd(&t_scaled.contiguous()?, &op)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
     #[test]
@@ -932,6 +1110,136 @@ mod tests {
                 );
             }
             assert_eq!(&bare[i][..CONTRASTIVE_HEAD], &out[i][..CONTRASTIVE_HEAD]);
+        }
+        Ok(())
+    }
+
+    /// The naive f64 contract of the KL op's output row `i`: the full logits,
+    /// softmaxes and weighted key sums in plain loops.
+    #[allow(clippy::too_many_arguments)]
+    fn kl_reference(
+        fs: &[f64],
+        ts: &[f64],
+        tm: &[f64],
+        qt: &[f64],
+        fm: &[f64],
+        qi: &[f64],
+        d: usize,
+        i: usize,
+        direction: KlDirection,
+    ) -> Vec<f64> {
+        let k = qt.len() / d;
+        let key = |first: &[f64], queue: &[f64], j: usize| -> Vec<f64> {
+            if j == 0 {
+                first[i * d..(i + 1) * d].to_vec()
+            } else {
+                queue[(j - 1) * d..j * d].to_vec()
+            }
+        };
+        let kt: Vec<Vec<f64>> = (0..=k).map(|j| key(tm, qt, j)).collect();
+        let ki: Vec<Vec<f64>> = (0..=k).map(|j| key(fm, qi, j)).collect();
+        let a: Vec<f64> = kt.iter().map(|x| dot(&fs[i * d..(i + 1) * d], x)).collect();
+        let b: Vec<f64> = ki.iter().map(|x| dot(&ts[i * d..(i + 1) * d], x)).collect();
+        let lse = |l: &[f64]| {
+            let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + l.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        };
+        let (lse_a, lse_b) = (lse(&a), lse(&b));
+        let p: Vec<f64> = a.iter().map(|x| (x - lse_a).exp()).collect();
+        let q: Vec<f64> = b.iter().map(|x| (x - lse_b).exp()).collect();
+        let c: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let e_p: f64 = p.iter().zip(&c).map(|(p, c)| p * c).sum();
+        let e_q: f64 = q.iter().zip(&c).map(|(q, c)| q * c).sum();
+        // log P_j - log Q_j, without dividing probabilities that underflow.
+        let log_ratio: Vec<f64> = (0..=k).map(|j| (a[j] - lse_a) - (b[j] - lse_b)).collect();
+        let kl_pq: f64 = (0..=k).map(|j| p[j] * log_ratio[j]).sum();
+        let kl_qp: f64 = (0..=k).map(|j| -q[j] * log_ratio[j]).sum();
+        let kl = match direction {
+            KlDirection::I2tToT2i => kl_pq,
+            KlDirection::T2iToI2t => kl_qp,
+            KlDirection::Symmetric => 0.5 * (kl_pq + kl_qp),
+        };
+        let mut out = vec![kl, lse_a, lse_b, e_p - c[0], e_q - c[0]];
+        for blk in KlBlock::all(direction) {
+            let mut sum = vec![0f64; d];
+            for j in 0..=k {
+                let (w, keys) = match blk {
+                    KlBlock::PKeyT => (p[j], &kt[j]),
+                    KlBlock::QKeyI => (q[j], &ki[j]),
+                    KlBlock::PcKeyT => (p[j] * (c[j] - c[0]), &kt[j]),
+                    KlBlock::PKeyI => (p[j], &ki[j]),
+                    KlBlock::QKeyT => (q[j], &kt[j]),
+                    KlBlock::QcKeyI => (q[j] * (c[j] - c[0]), &ki[j]),
+                };
+                for (s, x) in sum.iter_mut().zip(keys) {
+                    *s += w * x;
+                }
+            }
+            out.extend(sum);
+        }
+        out
+    }
+
+    /// The KL op's whole output against [`kl_reference`] in f64 (tight) and
+    /// f32 (finite and close), with and without gradients, for queues that
+    /// are empty, shorter than a tile, not a multiple of it, and for logits of
+    /// +-100 (tau 0.01).
+    #[test]
+    fn kl_output_blocks_match_a_naive_reference() -> Result<()> {
+        let d = 8;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        for (b, k, scale) in [
+            (5, 1100, 1.0),
+            (3, 0, 1.0),
+            (4, TILE + 301, 1.0),
+            (6, 700, 100.0),
+        ] {
+            let mut rand = |n: usize, s: f64| -> Vec<f64> {
+                (0..n).map(|_| s * rng.random_range(-1.0..1.0)).collect()
+            };
+            // Keys of norm <= 1 (entries in +-1/sqrt(d)); queries scaled up.
+            let key = 1.0 / (d as f64).sqrt();
+            let (fs, ts) = (rand(b * d, scale * key), rand(b * d, scale * key));
+            let (tm, fm) = (rand(b * d, key), rand(b * d, key));
+            let (qt, qi) = (rand(k * d, key), rand(k * d, key));
+            for direction in [
+                KlDirection::I2tToT2i,
+                KlDirection::T2iToI2t,
+                KlDirection::Symmetric,
+            ] {
+                let want: Vec<Vec<f64>> = (0..b)
+                    .map(|i| kl_reference(&fs, &ts, &tm, &qt, &fm, &qi, d, i, direction))
+                    .collect();
+                let width = kl_width(direction, d);
+                for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 2e-4)] {
+                    let dev = Device::Cpu;
+                    let t =
+                        |v: &[f64], r: usize| Tensor::from_slice(v, (r, d), &dev)?.to_dtype(dtype);
+                    let (fs_t, ts_t) = (t(&fs, b)?, t(&ts, b)?);
+                    let (tm_t, qt_t, fm_t, qi_t) = (t(&tm, b)?, t(&qt, k)?, t(&fm, b)?, t(&qi, k)?);
+                    let op = |grad| QueueKlOp::new(&tm_t, &qt_t, &fm_t, &qi_t, direction, grad);
+                    let out = fs_t.apply_op2_no_bwd(&ts_t, &op(true)?)?;
+                    let bare = fs_t.apply_op2_no_bwd(&ts_t, &op(false)?)?;
+                    assert_eq!(out.dims(), [b, width]);
+                    let out = out.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                    let bare = bare.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                    // Each column's error relative to that column's largest value.
+                    for c in 0..width {
+                        let col = want.iter().fold(1f64, |m, r| m.max(r[c].abs()));
+                        for i in 0..b {
+                            let (g, w) = (out[i][c], want[i][c]);
+                            assert!(
+                                g.is_finite() && (g - w).abs() <= tol * col,
+                                "{direction:?} {dtype:?} b {b} k {k} scale {scale} row {i} col {c}: {g} vs {w}"
+                            );
+                        }
+                    }
+                    for i in 0..b {
+                        assert_eq!(&bare[i][..KL_HEAD], &out[i][..KL_HEAD]);
+                        assert!(bare[i][KL_HEAD..].iter().all(|&x| x == 0.0));
+                    }
+                }
+            }
         }
         Ok(())
     }

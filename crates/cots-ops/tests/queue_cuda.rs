@@ -1,6 +1,7 @@
-//! The CUDA forward kernel of the queue contrastive op
-//! (`kernels/queue_contrastive.cu`) against a slow f64 host reference on
-//! fresh random inputs, and the op's backward on CUDA against the CPU.
+//! The CUDA forward kernels of the queue contrastive op
+//! (`kernels/queue_contrastive.cu`) and of the task-level KL
+//! (`kernels/queue_kl.cu`) against slow f64 host references on fresh random
+//! inputs, and both ops' backward passes on CUDA against the CPU.
 //!
 //! These tests need the `cuda` feature and a GPU with its driver; otherwise
 //! they print `skipped: <reason>` and pass. Inputs are seeded from the clock
@@ -18,12 +19,25 @@ fn cuda_backward_matches_cpu() {
     println!("skipped: cots-ops was built without the `cuda` feature");
 }
 
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_kl_forward_matches_reference() {
+    println!("skipped: cots-ops was built without the `cuda` feature");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_kl_backward_matches_cpu() {
+    println!("skipped: cots-ops was built without the `cuda` feature");
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc;
     use candle_core::{DType, Device, Result, Tensor, Var};
-    use cots_ops::queue::{queue_contrastive, PositiveIds, EMPTY_SLOT};
+    use cots_ops::queue::{queue_contrastive, queue_kl, KlDirection, PositiveIds, EMPTY_SLOT};
     use cots_ops::queue_fused::queue_contrastive_raw as queue_contrastive_forward;
+    use cots_ops::queue_fused::{queue_kl_raw, KlBlock, KL_HEAD};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -382,6 +396,244 @@ mod cuda {
                     "{} {what}: max relative error {err:.2e}",
                     case.name
                 );
+            }
+        }
+        Ok(())
+    }
+
+    const DIRECTIONS: [KlDirection; 3] = [
+        KlDirection::I2tToT2i,
+        KlDirection::T2iToI2t,
+        KlDirection::Symmetric,
+    ];
+
+    /// The inputs of one KL case: `fs`, `ts` (queries over tau), `t_m`, `f_m`
+    /// `[B, D]` and `queue_t`, `queue_i` `[K, D]`, unit rows.
+    struct KlInputs {
+        fs: Vec<f32>,
+        ts: Vec<f32>,
+        tm: Vec<f32>,
+        qt: Vec<f32>,
+        fm: Vec<f32>,
+        qi: Vec<f32>,
+    }
+
+    fn kl_inputs(b: usize, k: usize, d: usize, tau: f32, rng: &mut StdRng) -> KlInputs {
+        let mut scaled = |n| -> Vec<f32> { unit_rows(n, d, rng).iter().map(|x| x / tau).collect() };
+        let (fs, ts) = (scaled(b), scaled(b));
+        KlInputs {
+            fs,
+            ts,
+            tm: unit_rows(b, d, rng),
+            qt: unit_rows(k, d, rng),
+            fm: unit_rows(b, d, rng),
+            qi: unit_rows(k, d, rng),
+        }
+    }
+
+    /// The contract of the KL kernel, in f64 with plain loops and the full
+    /// logits: per row `KL, lse(a), lse(b), E_P[c] - c_0, E_Q[c] - c_0`, then
+    /// the blocks of `KlBlock::all(direction)` (`c` centred at `c_0` there too).
+    fn kl_reference(x: &KlInputs, b: usize, d: usize, direction: KlDirection) -> Vec<f64> {
+        let kq = x.qt.len().checked_div(d).unwrap_or(0);
+        let dot = |a: &[f32], c: &[f32]| -> f64 {
+            a.iter().zip(c).map(|(u, v)| *u as f64 * *v as f64).sum()
+        };
+        let lse = |l: &[f64]| {
+            let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + l.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+        };
+        let mut out = Vec::new();
+        for i in 0..b {
+            let row = |v: &[f32]| v[i * d..(i + 1) * d].to_vec();
+            let keys = |first: &[f32], queue: &[f32]| -> Vec<Vec<f32>> {
+                std::iter::once(row(first))
+                    .chain((0..kq).map(|j| queue[j * d..(j + 1) * d].to_vec()))
+                    .collect()
+            };
+            let (kt, ki) = (keys(&x.tm, &x.qt), keys(&x.fm, &x.qi));
+            let a: Vec<f64> = kt.iter().map(|key| dot(&row(&x.fs), key)).collect();
+            let bl: Vec<f64> = ki.iter().map(|key| dot(&row(&x.ts), key)).collect();
+            let (lse_a, lse_b) = (lse(&a), lse(&bl));
+            let p: Vec<f64> = a.iter().map(|v| (v - lse_a).exp()).collect();
+            let q: Vec<f64> = bl.iter().map(|v| (v - lse_b).exp()).collect();
+            let c: Vec<f64> = a.iter().zip(&bl).map(|(u, v)| u - v).collect();
+            // log P_j - log Q_j, without dividing probabilities that underflow.
+            let ratio: Vec<f64> = (0..=kq).map(|j| (a[j] - lse_a) - (bl[j] - lse_b)).collect();
+            let kl_pq: f64 = (0..=kq).map(|j| p[j] * ratio[j]).sum();
+            let kl_qp: f64 = (0..=kq).map(|j| -q[j] * ratio[j]).sum();
+            out.push(match direction {
+                KlDirection::I2tToT2i => kl_pq,
+                KlDirection::T2iToI2t => kl_qp,
+                KlDirection::Symmetric => 0.5 * (kl_pq + kl_qp),
+            });
+            out.extend([lse_a, lse_b]);
+            // Centred at the row's own pair, like the kernel's output.
+            let c: Vec<f64> = c.iter().map(|v| v - c[0]).collect();
+            out.push(p.iter().zip(&c).map(|(u, v)| u * v).sum());
+            out.push(q.iter().zip(&c).map(|(u, v)| u * v).sum());
+            for blk in KlBlock::all(direction) {
+                let mut sum = vec![0f64; d];
+                for j in 0..=kq {
+                    let (w, key) = match blk {
+                        KlBlock::PKeyT => (p[j], &kt[j]),
+                        KlBlock::QKeyI => (q[j], &ki[j]),
+                        KlBlock::PcKeyT => (p[j] * c[j], &kt[j]),
+                        KlBlock::PKeyI => (p[j], &ki[j]),
+                        KlBlock::QKeyT => (q[j], &kt[j]),
+                        KlBlock::QcKeyI => (q[j] * c[j], &ki[j]),
+                    };
+                    for (s, v) in sum.iter_mut().zip(key) {
+                        *s += w * *v as f64;
+                    }
+                }
+                out.extend(sum);
+            }
+        }
+        out
+    }
+
+    /// `(name, B, K, D, tau)` of the KL cases.
+    const KL_CASES: [(&str, usize, usize, usize, f32); 8] = [
+        ("one row", 1, 300, 16, 0.07),
+        ("empty queue", 37, 0, 32, 0.07),
+        ("odd queue", 9, 1001, 48, 0.05),
+        ("many splits", 37, 4099, 33, 0.07),
+        ("tau 0.01", 37, 777, 128, 0.01),
+        ("several row blocks", 300, 600, 40, 0.07),
+        ("widest", 9, 333, 512, 0.07),
+        ("width 1", 4, 70, 1, 0.5),
+    ];
+
+    #[test]
+    fn cuda_kl_forward_matches_reference() -> Result<()> {
+        let dev = match gpu() {
+            Ok(dev) => dev,
+            Err(why) => {
+                println!("skipped: {why}");
+                return Ok(());
+            }
+        };
+        let mut rng = rng();
+        for (name, b, k, d, tau) in KL_CASES {
+            let x = kl_inputs(b, k, d, tau, &mut rng);
+            for direction in DIRECTIONS {
+                let want = kl_reference(&x, b, d, direction);
+                let t = |v: &[f32], rows: usize| Tensor::from_slice(v, (rows, d), &dev);
+                let out = (|| {
+                    queue_kl_raw(
+                        &t(&x.fs, b)?,
+                        &t(&x.tm, b)?,
+                        &t(&x.qt, k)?,
+                        &t(&x.ts, b)?,
+                        &t(&x.fm, b)?,
+                        &t(&x.qi, k)?,
+                        direction,
+                    )
+                })()
+                .map_err(|e| e.context(format!("case `{name}` {direction:?}")))?;
+                let cols = KL_HEAD + KlBlock::all(direction).len() * d;
+                assert_eq!(out.dims(), [b, cols], "{name}");
+                let got = out.flatten_all()?.to_vec1::<f32>()?;
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{name} {direction:?}: non-finite output"
+                );
+                // Each head column and each block against its own largest value.
+                let mut spans: Vec<(usize, usize)> = (0..KL_HEAD).map(|c| (c, c + 1)).collect();
+                spans.extend((KL_HEAD..cols).step_by(d).map(|c| (c, c + d)));
+                let err = spans
+                    .iter()
+                    .map(|&(c0, c1)| {
+                        let idx = (0..b).flat_map(|i| (c0..c1).map(move |c| i * cols + c));
+                        let scale = idx.clone().fold(1f64, |m, e| m.max(want[e].abs()));
+                        idx.map(|e| (got[e] as f64 - want[e]).abs() / scale)
+                            .fold(0.0, f64::max)
+                    })
+                    .fold(0.0, f64::max);
+                println!("{name} {direction:?}: B={b} K={k} D={d} tau={tau}: max relative error {err:.2e}");
+                assert!(
+                    err < 1e-4,
+                    "{name} {direction:?}: max relative error {err:.2e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The KL and the gradients of `sum_i (i + 1) KL_i` w.r.t. f, t and tau
+    /// through `queue_kl` on `dev`.
+    fn kl_with_grads(
+        dev: &Device,
+        x: &KlInputs,
+        (b, k, d): (usize, usize, usize),
+        tau: f32,
+        direction: KlDirection,
+    ) -> Result<Vec<Vec<f32>>> {
+        let t = |v: &[f32], rows: usize| Tensor::from_slice(v, (rows, d), dev);
+        // The inputs hold f / tau; the op divides by tau itself.
+        let f = Var::from_tensor(&(t(&x.fs, b)? * tau as f64)?)?;
+        let tt = Var::from_tensor(&(t(&x.ts, b)? * tau as f64)?)?;
+        let tv = Var::from_tensor(&Tensor::new(tau, dev)?)?;
+        let out = queue_kl(
+            f.as_tensor(),
+            &t(&x.tm, b)?,
+            &t(&x.qt, k)?,
+            tt.as_tensor(),
+            &t(&x.fm, b)?,
+            &t(&x.qi, k)?,
+            tv.as_tensor(),
+            direction,
+        )?;
+        let weights = Tensor::arange(1f32, (b + 1) as f32, dev)?;
+        let grads = (&out * weights)?.sum_all()?.backward()?;
+        let grad = |v: &Var| -> Result<Vec<f32>> {
+            match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_vec1(),
+                None => candle_core::bail!("no gradient"),
+            }
+        };
+        Ok(vec![out.to_vec1()?, grad(&f)?, grad(&tt)?, grad(&tv)?])
+    }
+
+    /// Through `queue_kl` (the fused op on both devices; for D above the
+    /// kernel's limit, the naive composition on CUDA).
+    #[test]
+    fn cuda_kl_backward_matches_cpu() -> Result<()> {
+        let dev = match gpu() {
+            Ok(dev) => dev,
+            Err(why) => {
+                println!("skipped: {why}");
+                return Ok(());
+            }
+        };
+        let mut rng = rng();
+        let cases =
+            KL_CASES
+                .iter()
+                .copied()
+                .chain([("above the kernel's width", 5, 200, 600, 0.07)]);
+        for (name, b, k, d, tau) in cases {
+            let x = kl_inputs(b, k, d, tau, &mut rng);
+            for direction in DIRECTIONS {
+                let context =
+                    |e: candle_core::Error| e.context(format!("case `{name}` {direction:?}"));
+                let cpu =
+                    kl_with_grads(&Device::Cpu, &x, (b, k, d), tau, direction).map_err(context)?;
+                let gpu = kl_with_grads(&dev, &x, (b, k, d), tau, direction).map_err(context)?;
+                for (what, (g, c)) in ["kl", "df", "dt", "dtau"].iter().zip(gpu.iter().zip(&cpu)) {
+                    let scale = c.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let err = g
+                        .iter()
+                        .zip(c)
+                        .map(|(u, v)| (u - v).abs() / scale)
+                        .fold(0f32, f32::max);
+                    println!("{name} {direction:?} {what}: max relative error {err:.2e}");
+                    assert!(
+                        err < 1e-4,
+                        "{name} {direction:?} {what}: max relative error {err:.2e}"
+                    );
+                }
             }
         }
         Ok(())
