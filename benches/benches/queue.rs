@@ -4,12 +4,17 @@
 //! written to target/queue-memory.json.
 //!
 //! PyTorch's naive version of the same work: benches/reference/queue_loss.py.
+//! Then the task-level KL (symmetric), fused vs naive candle, forward +
+//! backward at the same sizes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor, Var, D};
-use cots_ops::queue::{queue_contrastive, queue_contrastive_naive, QueueContrastiveOutput};
+use cots_ops::queue::{
+    queue_contrastive, queue_contrastive_naive, queue_kl, queue_kl_naive, KlDirection,
+    QueueContrastiveOutput,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 struct Counting;
@@ -95,5 +100,56 @@ fn bench(c: &mut Criterion) {
     let _ = std::fs::write(out, format!("[{}]\n", memory.join(",\n ")));
 }
 
-criterion_group!(benches, bench);
+type KlOp = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    KlDirection,
+) -> candle_core::Result<Tensor>;
+
+/// The task-level KL (symmetric), forward + backward, fused vs naive; no
+/// bar, printed beside the contrastive op.
+fn bench_kl(c: &mut Criterion) {
+    let quick = std::env::var_os("COTS_BENCH_QUICK").is_some();
+    let ks: &[usize] = if quick { &[4096] } else { &[4096, 65_536] };
+    let (b, d) = (256, 256);
+    let mut group = c.benchmark_group("queue_kl_fwd_bwd");
+    group.sample_size(10);
+    for &k in ks {
+        let f = Var::from_tensor(&unit(b, d)).unwrap();
+        let t = Var::from_tensor(&unit(b, d)).unwrap();
+        let (t_m, f_m) = (unit(b, d), unit(b, d));
+        let (queue_t, queue_i) = (unit(k, d), unit(k, d));
+        let tau = Var::from_tensor(&Tensor::new(0.07f32, &Device::Cpu).unwrap()).unwrap();
+        for (name, op) in [
+            ("fused", queue_kl as KlOp),
+            ("naive", queue_kl_naive as KlOp),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, k), &k, |bch, _| {
+                bch.iter(|| {
+                    let kl = op(
+                        f.as_tensor(),
+                        &t_m,
+                        &queue_t,
+                        t.as_tensor(),
+                        &f_m,
+                        &queue_i,
+                        tau.as_tensor(),
+                        KlDirection::Symmetric,
+                    )
+                    .unwrap();
+                    let grads = kl.mean_all().unwrap().backward().unwrap();
+                    assert!(grads.get(f.as_tensor()).is_some());
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_kl);
 criterion_main!(benches);

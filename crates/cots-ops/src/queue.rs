@@ -135,8 +135,8 @@ pub fn queue_kl_naive(
 
 /// Instance-level contrastive loss over a negative queue (see the module doc).
 ///
-/// On the CPU (f32 or f64), and in f32 on CUDA with the `cuda` feature, this
-/// is the fused op of [`crate::queue_fused`] (its forward on CUDA is
+/// On the CPU (f32 or f64), and in f32 on CUDA with the `cuda` feature for
+/// `D <= 1024`, this is the fused op of [`crate::queue_fused`] (its forward on CUDA is
 /// `kernels/queue_contrastive.cu`); elsewhere the naive composition. Both
 /// agree up to floating-point rounding.
 pub fn queue_contrastive(
@@ -175,9 +175,14 @@ fn fused_applies(q: &Tensor) -> bool {
 }
 
 /// Whether the fused contrastive op handles these inputs: on the CPU, or in
-/// f32 on CUDA when built with the `cuda` feature (`kernels/queue_contrastive.cu`).
+/// f32 on CUDA when built with the `cuda` feature and `D` fits the kernel
+/// (`kernels/queue_contrastive.cu`).
 fn contrastive_fused_applies(q: &Tensor) -> bool {
-    fused_applies(q) || (cfg!(feature = "cuda") && q.device().is_cuda() && q.dtype() == DType::F32)
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && q.dtype() == DType::F32 {
+        return q.dim(1).is_ok_and(|d| d <= crate::queue_cuda::MAX_DIM);
+    }
+    fused_applies(q)
 }
 
 /// Whether the fused KL op handles these inputs: on the CPU, or in f32 on
