@@ -255,18 +255,20 @@ struct Ids {
 }
 
 impl Ids {
-    /// For every row, the queue slots that share its id.
-    fn positive_slots(&self) -> Vec<Vec<usize>> {
+    /// The queue slots of every id (empty slots left out).
+    fn slots_by_id(&self) -> HashMap<u32, Vec<usize>> {
         let mut by_id: HashMap<u32, Vec<usize>> = HashMap::new();
         for (j, &id) in self.slots.iter().enumerate() {
             if id != EMPTY_SLOT {
                 by_id.entry(id).or_default().push(j);
             }
         }
-        self.rows
-            .iter()
-            .map(|id| by_id.get(id).cloned().unwrap_or_default())
-            .collect()
+        by_id
+    }
+
+    /// The queue slots that share row `i`'s id.
+    fn positives<'a>(&self, by_id: &'a HashMap<u32, Vec<usize>>, i: usize) -> &'a [usize] {
+        by_id.get(&self.rows[i]).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -341,16 +343,15 @@ impl QueueContrastiveOp {
                 rows.for_each(|x| online((x, &mut [][..])));
             }
         }
-        let positives = self
-            .ids
-            .as_ref()
-            .map(Ids::positive_slots)
-            .unwrap_or_default();
+        let by_id = self.ids.as_ref().map(Ids::slots_by_id).unwrap_or_default();
         let width = CONTRASTIVE_HEAD + 2 * d;
         let mut out = vec![zero; b * width];
         out.par_chunks_mut(width).enumerate().for_each(|(i, o)| {
             let (qi, ki) = (row(qs, i, d), row(kk, i, d));
-            let extra = positives.get(i).map_or(&[][..], Vec::as_slice);
+            let extra = self
+                .ids
+                .as_ref()
+                .map_or(&[][..], |ids| ids.positives(&by_id, i));
             let lse = max[i] + sum[i].ln();
             let cnt = 1 + extra.len();
             let pos = dot(qi, ki)
