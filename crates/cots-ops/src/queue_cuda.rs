@@ -36,6 +36,8 @@ const OP: &str = "queue_contrastive";
 
 /// Rows per block, one warp each (`ROWS_PER_BLOCK` in the kernel).
 pub(crate) const ROWS_PER_BLOCK: usize = 8;
+/// Threads per block: one warp per row.
+const THREADS: u32 = (32 * ROWS_PER_BLOCK) as u32;
 /// Largest embedding width: 32 lanes x `DIMS_PER_LANE` registers in the kernel.
 pub(crate) const MAX_DIM: usize = 32 * 32;
 /// Queue keys per shared-memory tile at most (`MAX_TILE_KEYS` in the kernel).
@@ -125,6 +127,61 @@ pub(crate) fn split_count(b: usize, k: usize) -> usize {
         .max(1)
 }
 
+/// How a split kernel pair covers `B` rows and `K` queue slots: the number of
+/// splits, keys per split and keys per shared-memory tile, the kernels'
+/// 32-bit arguments, and the two launch shapes. Shared by every launcher.
+pub(crate) struct SplitPlan {
+    pub(crate) splits: usize,
+    pub(crate) b: i32,
+    pub(crate) k: i32,
+    pub(crate) d: i32,
+    pub(crate) splits_arg: i32,
+    pub(crate) keys_per_split: i32,
+    pub(crate) tile_keys: i32,
+    row_blocks: u32,
+    shared_bytes: u32,
+}
+
+impl SplitPlan {
+    /// `queues`: how many `[tile, D]` key tiles the partial kernel stages in
+    /// shared memory at once (one per queue it streams).
+    pub(crate) fn new(op: &str, b: usize, k: usize, d: usize, queues: usize) -> Result<Self> {
+        let splits = split_count(b, k);
+        let keys_per_split = k.div_ceil(splits);
+        let tile_keys = (SHARED_FLOATS / (queues * d.max(1))).clamp(1, MAX_TILE_KEYS);
+        Ok(Self {
+            splits,
+            b: to_i32(op, "B", b)?,
+            k: to_i32(op, "K", k)?,
+            d: to_i32(op, "D", d)?,
+            splits_arg: to_i32(op, "splits", splits)?,
+            keys_per_split: to_i32(op, "keys per split", keys_per_split)?,
+            tile_keys: to_i32(op, "tile keys", tile_keys)?,
+            row_blocks: b.div_ceil(ROWS_PER_BLOCK) as u32,
+            shared_bytes: (queues * tile_keys * d * std::mem::size_of::<f32>()) as u32,
+        })
+    }
+
+    /// The partial kernel: one block per (row block, split), its key tiles in
+    /// shared memory.
+    pub(crate) fn partial(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.row_blocks, self.splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: self.shared_bytes,
+        }
+    }
+
+    /// The combine kernel: one block per row block.
+    pub(crate) fn combine(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.row_blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
 /// A device buffer of the ids, padded to at least one element (a zero-length
 /// allocation is an error in CUDA).
 fn upload_ids(
@@ -200,10 +257,8 @@ pub(crate) fn contrastive_fwd(
         return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape));
     }
 
-    let splits = split_count(b, kq);
-    let keys_per_split = kq.div_ceil(splits);
-    let tile_keys = (SHARED_FLOATS / d.max(1)).clamp(1, MAX_TILE_KEYS);
-    let mut work = dev.alloc_zeros::<f32>(b * splits * (RECORD_STATS + 2 * d))?;
+    let plan = SplitPlan::new(OP, b, kq, d, 1)?;
+    let mut work = dev.alloc_zeros::<f32>(b * plan.splits * (RECORD_STATS + 2 * d))?;
     let (rows, slots, use_ids) = match ids {
         Some((rows, slots)) => (upload_ids(dev, rows)?, upload_ids(dev, slots)?, 1i32),
         None => (upload_ids(dev, &[])?, upload_ids(dev, &[])?, 0i32),
@@ -212,18 +267,6 @@ pub(crate) fn contrastive_fwd(
     let q_view = qs.as_cuda_slice::<f32>()?.slice(q_range);
     let k_view = k.as_cuda_slice::<f32>()?.slice(k_range);
     let queue_view = queue.as_cuda_slice::<f32>()?.slice(queue_range);
-    let (b_i, k_i, d_i) = (
-        to_i32(OP, "B", b)?,
-        to_i32(OP, "K", kq)?,
-        to_i32(OP, "D", d)?,
-    );
-    let (splits_i, per_split_i, tile_i) = (
-        to_i32(OP, "splits", splits)?,
-        to_i32(OP, "keys per split", keys_per_split)?,
-        to_i32(OP, "tile keys", tile_keys)?,
-    );
-    let row_blocks = b.div_ceil(ROWS_PER_BLOCK) as u32;
-    let threads = (32 * ROWS_PER_BLOCK) as u32;
     let ptx = ptx()?;
 
     let partial = dev.get_or_load_custom_func("queue_contrastive_partial", MODULE, ptx)?;
@@ -233,22 +276,17 @@ pub(crate) fn contrastive_fwd(
     launch.arg(&rows);
     launch.arg(&slots);
     launch.arg(&mut work);
-    launch.arg(&b_i);
-    launch.arg(&k_i);
-    launch.arg(&d_i);
-    launch.arg(&splits_i);
-    launch.arg(&per_split_i);
-    launch.arg(&tile_i);
+    launch.arg(&plan.b);
+    launch.arg(&plan.k);
+    launch.arg(&plan.d);
+    launch.arg(&plan.splits_arg);
+    launch.arg(&plan.keys_per_split);
+    launch.arg(&plan.tile_keys);
     launch.arg(&use_ids);
-    let cfg = LaunchConfig {
-        grid_dim: (row_blocks, splits as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: (tile_keys * d * std::mem::size_of::<f32>()) as u32,
-    };
     // SAFETY: the argument list matches the kernel's signature; every pointer
     // covers the extent the kernel reads or writes for these B, K, D and
     // splits (checked above), and the shared memory fits one key tile.
-    unsafe { launch.launch(cfg) }.w()?;
+    unsafe { launch.launch(plan.partial()) }.w()?;
 
     let combine = dev.get_or_load_custom_func("queue_contrastive_combine", MODULE, ptx)?;
     let mut launch = combine.builder();
@@ -256,16 +294,11 @@ pub(crate) fn contrastive_fwd(
     launch.arg(&k_view);
     launch.arg(&work);
     launch.arg(&mut out);
-    launch.arg(&b_i);
-    launch.arg(&d_i);
-    launch.arg(&splits_i);
-    let cfg = LaunchConfig {
-        grid_dim: (row_blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    launch.arg(&plan.b);
+    launch.arg(&plan.d);
+    launch.arg(&plan.splits_arg);
     // SAFETY: as above; `out` holds B x (3 + 2D) floats.
-    unsafe { launch.launch(cfg) }.w()?;
+    unsafe { launch.launch(plan.combine()) }.w()?;
 
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }

@@ -22,10 +22,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{bail, Layout, Result, Shape, Storage, Tensor};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use crate::queue::KlDirection;
-use crate::queue_cuda::{compile_once, matrix, split_count, to_i32, ROWS_PER_BLOCK};
+use crate::queue_cuda::{compile_once, matrix, SplitPlan};
 use crate::queue_fused::{kl_width, KlBlock};
 
 /// The kernel source, compiled at run time.
@@ -37,11 +37,6 @@ const OP: &str = "queue_kl";
 /// Largest embedding width: 32 lanes x `DIMS_PER_LANE` registers in the
 /// kernel, which holds two queries and six accumulators per lane.
 pub(crate) const MAX_DIM: usize = 32 * 16;
-/// Queue keys per shared-memory tile at most (`MAX_TILE_KEYS` in the kernel).
-const MAX_TILE_KEYS: usize = 32;
-/// Shared memory for one tile of both queues: 48 KiB, the most a launch gets
-/// without opting in.
-const SHARED_FLOATS: usize = 48 * 1024 / 4;
 /// Floats in one partial-state record before the blocks.
 const RECORD_STATS: usize = 6;
 
@@ -140,10 +135,9 @@ fn launch(
         return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape));
     }
 
-    let splits = split_count(b, kq);
-    let keys_per_split = kq.div_ceil(splits);
-    let tile_keys = (SHARED_FLOATS / (2 * d.max(1))).clamp(1, MAX_TILE_KEYS);
-    let mut work = dev.alloc_zeros::<f32>(b * splits * (RECORD_STATS + blocks * d))?;
+    // One tile of each queue in shared memory at once.
+    let plan = SplitPlan::new(OP, b, kq, d, 2)?;
+    let mut work = dev.alloc_zeros::<f32>(b * plan.splits * (RECORD_STATS + blocks * d))?;
     let (pq, qp) = match direction {
         KlDirection::I2tToT2i => (1i32, 0i32),
         KlDirection::T2iToI2t => (0, 1),
@@ -154,18 +148,6 @@ fn launch(
         Ok(inputs[n].0.as_cuda_slice::<f32>()?.slice(ranges[n].clone()))
     };
     let (fs, ts, tm, qt, fm, qi) = (view(0)?, view(1)?, view(2)?, view(3)?, view(4)?, view(5)?);
-    let (b_i, k_i, d_i) = (
-        to_i32(OP, "B", b)?,
-        to_i32(OP, "K", kq)?,
-        to_i32(OP, "D", d)?,
-    );
-    let (splits_i, per_split_i, tile_i) = (
-        to_i32(OP, "splits", splits)?,
-        to_i32(OP, "keys per split", keys_per_split)?,
-        to_i32(OP, "tile keys", tile_keys)?,
-    );
-    let row_blocks = b.div_ceil(ROWS_PER_BLOCK) as u32;
-    let threads = (32 * ROWS_PER_BLOCK) as u32;
     let ptx = ptx()?;
 
     let partial = dev.get_or_load_custom_func("queue_kl_partial", MODULE, ptx)?;
@@ -177,24 +159,19 @@ fn launch(
     builder.arg(&qt);
     builder.arg(&qi);
     builder.arg(&mut work);
-    builder.arg(&b_i);
-    builder.arg(&k_i);
-    builder.arg(&d_i);
-    builder.arg(&splits_i);
-    builder.arg(&per_split_i);
-    builder.arg(&tile_i);
+    builder.arg(&plan.b);
+    builder.arg(&plan.k);
+    builder.arg(&plan.d);
+    builder.arg(&plan.splits_arg);
+    builder.arg(&plan.keys_per_split);
+    builder.arg(&plan.tile_keys);
     builder.arg(&pq);
     builder.arg(&qp);
-    let cfg = LaunchConfig {
-        grid_dim: (row_blocks, splits as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: (2 * tile_keys * d * std::mem::size_of::<f32>()) as u32,
-    };
     // SAFETY: the argument list matches the kernel's signature; every pointer
     // covers the extent the kernel reads or writes for these B, K, D, splits
     // and blocks (checked above), and the shared memory fits one tile of both
     // queues.
-    unsafe { builder.launch(cfg) }.w()?;
+    unsafe { builder.launch(plan.partial()) }.w()?;
 
     let combine = dev.get_or_load_custom_func("queue_kl_combine", MODULE, ptx)?;
     let mut builder = combine.builder();
@@ -204,18 +181,13 @@ fn launch(
     builder.arg(&fm);
     builder.arg(&work);
     builder.arg(&mut out);
-    builder.arg(&b_i);
-    builder.arg(&d_i);
-    builder.arg(&splits_i);
+    builder.arg(&plan.b);
+    builder.arg(&plan.d);
+    builder.arg(&plan.splits_arg);
     builder.arg(&pq);
     builder.arg(&qp);
-    let cfg = LaunchConfig {
-        grid_dim: (row_blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: as above; `out` holds B x (5 + n D) floats.
-    unsafe { builder.launch(cfg) }.w()?;
+    unsafe { builder.launch(plan.combine()) }.w()?;
 
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
