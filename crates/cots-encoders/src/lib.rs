@@ -7,19 +7,23 @@
 //! masked vision modeling), [`cross`] (the single-stream cross-encoder
 //! baseline), [`decomposed`] (VLDeformer: the cross-encoder's stack run on
 //! one modality at a time), [`dual`] (the interface both two-encoder models
-//! offer to retrieval) and [`weights`] (loading checkpoints into trainable
-//! variables).
+//! offer to retrieval), [`efficientnet`] (a frozen EfficientNet-Lite0
+//! ImageNet backbone for the image tower), [`torch_file`] (reading PyTorch
+//! `.pth` checkpoints, legacy and zip formats) and [`weights`] (loading
+//! checkpoints into trainable variables).
 
 pub mod bert;
 pub mod cross;
 pub mod decomposed;
 pub mod dual;
 pub mod dvae;
+pub mod efficientnet;
 mod error;
 mod files;
 pub mod momentum;
 pub mod temporal;
 pub mod tokenizer;
+pub mod torch_file;
 pub mod two_stream;
 pub mod vit;
 pub mod weights;
