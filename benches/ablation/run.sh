@@ -13,6 +13,9 @@
 #   COTS=BIN             the cots binary (default: build target/release/cots)
 # The emoji rows: CONFIG=configs/emoji.toml OUT=runs/ablation-emoji \
 #   EVAL_DATA=data/emoji/eval-google.toml bash benches/ablation/run.sh 400
+# With the frozen pretrained towers (no MVLM row: the CNN has no patches):
+#   CONFIG=configs/emoji-effnet.toml OUT=runs/ablation-effnet ROWS="clip itc_queue itc_kl" \
+#   EVAL_DATA=data/emoji/eval-google.toml bash benches/ablation/run.sh 1500
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-300}
@@ -28,7 +31,10 @@ fi
 mkdir -p "$out"
 # The visual tokenizer for masked vision modeling, trained on the base
 # config's images and matched to its ViT (the small preset: 64 px, patch 8).
-[ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --config "$config" --preset small --steps "$tokenizer_steps" --out "$out/dvae"
+# Only when the mvlm row runs (a CNN image tower has no patches to mask).
+if [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" mvlm "* ]]; then
+  [ -f "$out/dvae/dvae.safetensors" ] || $cots -q train-tokenizer --config "$config" --preset small --steps "$tokenizer_steps" --out "$out/dvae"
+fi
 base=$(sed '/^\[objectives/,$d' "$config")
 eval_data=()
 [ -n "${EVAL_DATA:-}" ] && eval_data=(--data-config "$EVAL_DATA")

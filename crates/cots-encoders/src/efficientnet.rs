@@ -143,11 +143,21 @@ impl Config {
     }
 }
 
-/// Reads an EfficientNet `.pth` checkpoint (legacy or zip format) for
-/// `VarBuilder::from_tensors`, leaving out BatchNorm's `num_batches_tracked`
-/// counters (training bookkeeping, not weights).
+/// Reads EfficientNet weights for `VarBuilder::from_tensors` or
+/// [`crate::weights::load_tensors`]: a PyTorch `.pth` checkpoint (legacy or
+/// zip format), or a `.safetensors` file with the same names. BatchNorm's
+/// `num_batches_tracked` counters (training bookkeeping, not weights) are
+/// left out.
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(crate::torch_file::read_pth(path)?
+    let tensors: Vec<(String, Tensor)> =
+        if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+            crate::weights::read_safetensors(path)?
+                .into_iter()
+                .collect()
+        } else {
+            crate::torch_file::read_pth(path)?
+        };
+    Ok(tensors
         .into_iter()
         .filter(|(name, _)| !name.ends_with("num_batches_tracked"))
         .collect())

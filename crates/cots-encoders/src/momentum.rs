@@ -84,6 +84,20 @@ impl Momentum {
         Ok(Self { pairs, names })
     }
 
+    /// Keeps only the pairs whose names pass `keep`: variables that never
+    /// change (frozen towers) need no EMA once copied, and skipping them
+    /// saves a pass over their weights every step.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let (names, pairs): (Vec<String>, Vec<(Var, Var)>) = self
+            .names
+            .drain(..)
+            .zip(self.pairs.drain(..))
+            .filter(|(n, _)| keep(n))
+            .unzip();
+        self.names = names;
+        self.pairs = pairs;
+    }
+
     /// Variable names, in the order of [`Self::pairs`].
     pub fn names(&self) -> &[String] {
         &self.names

@@ -4,6 +4,11 @@
 //! followed by a linear projection of its CLS state into a shared, L2-normalised
 //! embedding space, plus the learnable contrastive temperature.
 //!
+//! The image tower may instead be a frozen, ImageNet-pretrained CNN
+//! ([`ImageTower::EfficientnetLite0`]): its globally pooled features take the
+//! place of the CLS state, and only the projection above it learns (LiT,
+//! Zhai et al. 2022, "Locked-image Tuning").
+//!
 //! Variables are scoped `vision.*`, `text.*`, `vision_proj.*`, `text_proj.*`
 //! and `temp`, so a Hugging Face BERT checkpoint loads under `text.` (see
 //! [`crate::weights::HfBertDir::load_into`]).
@@ -16,6 +21,7 @@ use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{self, linear, BertModel, Pooling};
+use crate::efficientnet::{self, EfficientNetLite};
 use crate::temporal::{self, TemporalPool};
 use crate::vit::{self, VisionTransformer};
 use crate::{Error, Result};
@@ -34,13 +40,62 @@ fn cls() -> Pooling {
     Pooling::Cls
 }
 
+/// Which network is the image tower.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageTower {
+    /// The ViT described by [`Config::vision`], trained (COTS's tower).
+    #[default]
+    Vit,
+    /// ImageNet EfficientNet-Lite0 ([`efficientnet::Config::lite0`]),
+    /// frozen: inference-only, its 1280-d globally pooled features feed the
+    /// trained projection. Of [`Config::vision`] only `image_size` (the input
+    /// resolution) applies. Start it from pretrained weights
+    /// ([`efficientnet::load_weights`]); random weights mean nothing here.
+    EfficientnetLite0,
+}
+
+impl ImageTower {
+    pub fn is_vit(&self) -> bool {
+        *self == ImageTower::Vit
+    }
+}
+
+/// The projections of both towers' pooled outputs into the shared space.
+/// The default is COTS's: one linear map each, no dropout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectionConfig {
+    /// Width of a GELU MLP (`Linear -> GELU -> Linear`, variables
+    /// `{vision,text}_proj_mlp.{fc1,fc2}`) whose output is added to the
+    /// linear projection's; `None` (the default) keeps the linear map alone.
+    pub mlp_hidden: Option<usize>,
+    /// Dropout on the pooled tower output before it is projected, in
+    /// training only. With frozen towers this is the regulariser that
+    /// matters: the heads see the same features every epoch.
+    pub input_dropout: f64,
+}
+
+impl ProjectionConfig {
+    pub fn is_linear(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Both towers' hyper-parameters and the shared embedding.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Config {
+    /// Which network is the image tower (`vit`, the default, or
+    /// `efficientnet-lite0`).
+    #[serde(default, skip_serializing_if = "ImageTower::is_vit")]
+    pub image_tower: ImageTower,
     pub vision: vit::Config,
     pub text: bert::Config,
     /// Width of the shared embedding space.
     pub embed_dim: usize,
+    /// The projection heads (linear by default).
+    #[serde(default, skip_serializing_if = "ProjectionConfig::is_linear")]
+    pub projection: ProjectionConfig,
     /// Initial contrastive temperature.
     #[serde(default = "default_temp")]
     pub temp_init: f64,
@@ -63,9 +118,11 @@ impl Config {
     /// Tiny towers for tests (32 px images, 64-wide, 2 layers, embed 32).
     pub fn tiny(vocab_size: usize) -> Self {
         Self {
+            image_tower: ImageTower::Vit,
             vision: vit::Config::tiny(),
             text: bert::Config::tiny(vocab_size),
             embed_dim: 32,
+            projection: ProjectionConfig::default(),
             temp_init: default_temp(),
             max_text_len: 32,
             text_pooling: Pooling::Cls,
@@ -76,9 +133,11 @@ impl Config {
     /// Small towers for CPU training (64 px, 256-wide, 4 layers, embed 128).
     pub fn small(vocab_size: usize) -> Self {
         Self {
+            image_tower: ImageTower::Vit,
             vision: vit::Config::small(),
             text: bert::Config::small(vocab_size),
             embed_dim: 128,
+            projection: ProjectionConfig::default(),
             temp_init: default_temp(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
@@ -89,9 +148,11 @@ impl Config {
     /// ViT-B/16 224 px + BERT-base uncased, embed 256 (ALBEF's setting).
     pub fn base() -> Self {
         Self {
+            image_tower: ImageTower::Vit,
             vision: vit::Config::base(),
             text: bert::Config::base(),
             embed_dim: 256,
+            projection: ProjectionConfig::default(),
             temp_init: default_temp(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
@@ -99,9 +160,34 @@ impl Config {
         }
     }
 
+    /// Width of the image tower's output (the vector that is projected).
+    pub fn vision_width(&self) -> usize {
+        match self.image_tower {
+            ImageTower::Vit => self.vision.hidden_size,
+            ImageTower::EfficientnetLite0 => efficientnet::Config::lite0().out_dim(),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.vision.validate()?;
+        if !self.image_tower.is_vit() && self.vision.num_channels != 3 {
+            return Err(Error::Config(format!(
+                "the pretrained CNN image tower reads RGB images, but vision.num_channels is {}",
+                self.vision.num_channels
+            )));
+        }
         self.text.validate()?;
+        if !(0.0..1.0).contains(&self.projection.input_dropout) {
+            return Err(Error::Config(format!(
+                "projection.input_dropout {} must be in [0, 1)",
+                self.projection.input_dropout
+            )));
+        }
+        if self.projection.mlp_hidden == Some(0) {
+            return Err(Error::Config(
+                "projection.mlp_hidden must be positive".into(),
+            ));
+        }
         if self.embed_dim == 0 {
             return Err(Error::Config("embed_dim must be positive".into()));
         }
@@ -113,10 +199,11 @@ impl Config {
         }
         if let Some(t) = &self.temporal {
             t.validate()?;
-            if t.hidden != self.vision.hidden_size {
+            if t.hidden != self.vision_width() {
                 return Err(Error::Config(format!(
                     "temporal.hidden {} must equal the image tower's width {}",
-                    t.hidden, self.vision.hidden_size
+                    t.hidden,
+                    self.vision_width()
                 )));
             }
         }
@@ -189,7 +276,8 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub struct ImageOutput {
     /// `[B, 1 + N, Dv]`, after the final LayerNorm; index 0 is CLS. For
-    /// clips, `[B, T, Dv]`: the CLS state of every frame.
+    /// clips, `[B, T, Dv]`: the CLS state of every frame. The CNN tower has
+    /// no tokens: `[B, 1, Dv]`, its pooled features in the CLS slot.
     pub hidden: Tensor,
     /// `[B, E]`, L2-normalised projection of the CLS state (of the
     /// temporally aggregated frame CLS states, for clips).
@@ -205,13 +293,83 @@ pub struct TextOutput {
     pub embed: Tensor,
 }
 
+/// The image tower's network.
+#[derive(Clone, Debug)]
+enum Vision {
+    Vit(VisionTransformer),
+    Cnn(EfficientNetLite),
+}
+
+impl Vision {
+    /// `[B, 1 + N, Dv]` ViT states, or `[B, 1, Dv]` pooled CNN features,
+    /// detached (the CNN is frozen and its ops have no backward pass).
+    fn forward(
+        &self,
+        pixels: &Tensor,
+        mask: Option<&Tensor>,
+        rng: Option<&SeededRng>,
+    ) -> Result<Tensor> {
+        match self {
+            Vision::Vit(v) => v.forward(pixels, mask, rng),
+            Vision::Cnn(c) => {
+                if mask.is_some() {
+                    return Err(Error::Config(
+                        "masked vision modeling needs the ViT image tower (the CNN has no patches)"
+                            .into(),
+                    ));
+                }
+                Ok(c.forward(pixels)?.detach().unsqueeze(1)?)
+            }
+        }
+    }
+}
+
+/// One tower's projection into the shared space: linear, plus an optional
+/// GELU MLP beside it, after optional input dropout; L2-normalised.
+#[derive(Clone, Debug)]
+struct Projection {
+    linear: Linear,
+    mlp: Option<(Linear, Linear)>,
+    input_dropout: f32,
+}
+
+impl Projection {
+    /// Variables `{name}.*` and `{name}_mlp.{fc1,fc2}.*`.
+    fn new(in_dim: usize, cfg: &Config, vb: &VarBuilder, name: &str) -> Result<Self> {
+        let mlp = match cfg.projection.mlp_hidden {
+            Some(h) => {
+                let vb = vb.pp(format!("{name}_mlp"));
+                Some((
+                    linear(in_dim, h, vb.pp("fc1"))?,
+                    linear(h, cfg.embed_dim, vb.pp("fc2"))?,
+                ))
+            }
+            None => None,
+        };
+        Ok(Self {
+            linear: linear(in_dim, cfg.embed_dim, vb.pp(name))?,
+            mlp,
+            input_dropout: cfg.projection.input_dropout as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        let x = cots_ops::nn::dropout(x, self.input_dropout, rng)?;
+        let mut y = self.linear.forward(&x)?;
+        if let Some((fc1, fc2)) = &self.mlp {
+            y = (y + fc2.forward(&fc1.forward(&x)?.gelu_erf()?)?)?;
+        }
+        l2_normalize(&y)
+    }
+}
+
 /// Two towers, two projections and a temperature.
 #[derive(Clone, Debug)]
 pub struct TwoStream {
-    vision: VisionTransformer,
+    vision: Vision,
     text: BertModel,
-    vision_proj: Linear,
-    text_proj: Linear,
+    vision_proj: Projection,
+    text_proj: Projection,
     temp: Tensor,
     temporal: Option<TemporalPool>,
     cfg: Config,
@@ -221,10 +379,18 @@ impl TwoStream {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         Ok(Self {
-            vision: VisionTransformer::new(&cfg.vision, vb.pp("vision"))?,
+            vision: match cfg.image_tower {
+                ImageTower::Vit => {
+                    Vision::Vit(VisionTransformer::new(&cfg.vision, vb.pp("vision"))?)
+                }
+                ImageTower::EfficientnetLite0 => Vision::Cnn(EfficientNetLite::new(
+                    &efficientnet::Config::lite0(),
+                    vb.pp("vision"),
+                )?),
+            },
             text: BertModel::new(&cfg.text, vb.pp("text"))?,
-            vision_proj: linear(cfg.vision.hidden_size, cfg.embed_dim, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, cfg.embed_dim, vb.pp("text_proj"))?,
+            vision_proj: Projection::new(cfg.vision_width(), cfg, &vb, "vision_proj")?,
+            text_proj: Projection::new(cfg.text.hidden_size, cfg, &vb, "text_proj")?,
             temp: vb.get_with_hints((), "temp", Init::Const(cfg.temp_init))?,
             temporal: match &cfg.temporal {
                 Some(t) => Some(TemporalPool::new(t, vb.pp("temporal"))?),
@@ -264,7 +430,7 @@ impl TwoStream {
             return self.encode_clip(pixels, mask, rng);
         }
         let hidden = self.vision.forward(pixels, mask, rng)?;
-        let embed = self.project_image(&hidden.get_on_dim(1, 0)?)?;
+        let embed = self.project_image(&hidden.get_on_dim(1, 0)?, rng)?;
         Ok(ImageOutput { hidden, embed })
     }
 
@@ -289,7 +455,7 @@ impl TwoStream {
         let frames = pixels.reshape((b * t, c, h, w))?;
         let cls = self.vision.forward(&frames, None, rng)?.get_on_dim(1, 0)?;
         let cls = cls.reshape((b, t, ()))?;
-        let embed = self.project_image(&temporal.forward(&cls, rng)?)?;
+        let embed = self.project_image(&temporal.forward(&cls, rng)?, rng)?;
         Ok(ImageOutput { hidden: cls, embed })
     }
 
@@ -305,7 +471,7 @@ impl TwoStream {
         rng: Option<&SeededRng>,
     ) -> Result<TextOutput> {
         let hidden = self.text.forward(ids, None, attention_mask, rng)?;
-        let embed = self.project_text(&self.pool_text(&hidden, attention_mask)?)?;
+        let embed = self.project_text(&self.pool_text(&hidden, attention_mask)?, rng)?;
         Ok(TextOutput { hidden, embed })
     }
 
@@ -322,24 +488,36 @@ impl TwoStream {
         }
     }
 
-    /// Projects image CLS states into the shared space and L2-normalises.
+    /// Projects image CLS states (pooled features) into the shared space
+    /// and L2-normalises; `rng = Some(..)` means training (input dropout).
     ///
     /// # Shapes
     /// - `cls`: `[B, Dv]`; output `[B, E]`.
-    pub fn project_image(&self, cls: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.vision_proj.forward(cls)?)
+    pub fn project_image(&self, cls: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        self.vision_proj.forward(cls, rng)
     }
 
-    /// Projects text CLS states into the shared space and L2-normalises.
+    /// Projects pooled text states into the shared space and L2-normalises;
+    /// `rng = Some(..)` means training (input dropout).
     ///
     /// # Shapes
     /// - `cls`: `[B, Dt]`; output `[B, E]`.
-    pub fn project_text(&self, cls: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.text_proj.forward(cls)?)
+    pub fn project_text(&self, cls: &Tensor, rng: Option<&SeededRng>) -> Result<Tensor> {
+        self.text_proj.forward(cls, rng)
     }
 
-    pub fn vision(&self) -> &VisionTransformer {
-        &self.vision
+    /// The ViT, unless the image tower is the CNN.
+    pub fn vision(&self) -> Option<&VisionTransformer> {
+        match &self.vision {
+            Vision::Vit(v) => Some(v),
+            Vision::Cnn(_) => None,
+        }
+    }
+
+    /// Whether the image tower is frozen (the pretrained CNN): it is not
+    /// trained, and a momentum copy of it computes the same features.
+    pub fn image_tower_frozen(&self) -> bool {
+        matches!(self.vision, Vision::Cnn(_))
     }
 
     pub fn text(&self) -> &BertModel {

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use cots_encoders::momentum::Momentum;
-use cots_encoders::two_stream::{self, TwoStream};
+use cots_encoders::two_stream::{self, ImageTower, ProjectionConfig, TwoStream};
 use cots_encoders::{bert, vit};
 use cots_ops::SeededRng;
 
@@ -58,9 +58,20 @@ fn bert_every_variable_gets_a_gradient() -> TestResult {
 
 #[test]
 fn two_stream_every_variable_gets_a_gradient() -> TestResult {
+    two_stream_grads(two_stream::Config::tiny(40))?;
+    // With the MLP projection heads and input dropout.
+    two_stream_grads(two_stream::Config {
+        projection: ProjectionConfig {
+            mlp_hidden: Some(24),
+            input_dropout: 0.2,
+        },
+        ..two_stream::Config::tiny(40)
+    })
+}
+
+fn two_stream_grads(cfg: two_stream::Config) -> TestResult {
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let cfg = two_stream::Config::tiny(40);
     let model = TwoStream::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     let s = cfg.vision.image_size;
     let pixels = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev)?;
@@ -179,6 +190,14 @@ fn configs_round_trip_through_toml_and_json() -> TestResult {
         two_stream::Config::tiny(123),
         two_stream::Config::small(4567),
         two_stream::Config::base(),
+        two_stream::Config {
+            image_tower: ImageTower::EfficientnetLite0,
+            projection: ProjectionConfig {
+                mlp_hidden: Some(64),
+                input_dropout: 0.3,
+            },
+            ..two_stream::Config::small(99)
+        },
     ] {
         for ext in ["toml", "json"] {
             let path = dir.path().join(format!("cfg.{ext}"));
@@ -203,4 +222,89 @@ fn configs_round_trip_through_toml_and_json() -> TestResult {
     bad.save(&path)?;
     assert!(two_stream::Config::load(&path).is_err());
     Ok(())
+}
+
+/// The MLP head is `normalize(linear(x) + fc2(gelu(fc1(x))))` on a dropped-out
+/// input in training, and deterministic without a generator.
+#[test]
+fn mlp_projection_matches_its_formula_and_drops_out_only_in_training() -> TestResult {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = two_stream::Config {
+        projection: ProjectionConfig {
+            mlp_hidden: Some(16),
+            input_dropout: 0.5,
+        },
+        ..two_stream::Config::tiny(40)
+    };
+    let model = TwoStream::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let d = cfg.vision_width();
+    let x = Tensor::randn(0f32, 1.0, (4, d), &dev)?;
+    let get = |name: &str| -> Result<Tensor, Box<dyn std::error::Error>> {
+        let data = vm.data().lock().unwrap();
+        Ok(data
+            .get(name)
+            .ok_or_else(|| format!("no variable {name}"))?
+            .as_tensor()
+            .clone())
+    };
+    let lin = |x: &Tensor, p: &str| -> Result<Tensor, Box<dyn std::error::Error>> {
+        Ok(x.matmul(&get(&format!("{p}.weight"))?.t()?)?
+            .broadcast_add(&get(&format!("{p}.bias"))?)?)
+    };
+    // Slow reference: GELU (erf) written out per element.
+    let h = lin(&x, "vision_proj_mlp.fc1")?;
+    let hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    let gelu: Vec<f32> = hv
+        .iter()
+        .map(|&v| {
+            let v = v as f64;
+            (0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2))) as f32
+        })
+        .collect();
+    let g = Tensor::from_vec(gelu, h.dims(), &dev)?;
+    let y = (lin(&x, "vision_proj")? + lin(&g, "vision_proj_mlp.fc2")?)?;
+    let want = y.broadcast_div(&y.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let got = model.project_image(&x, None)?;
+    let diff = (got.clone() - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "MLP head differs from its formula by {diff}");
+    assert_eq!(
+        model.project_image(&x, None)?.to_vec2::<f32>()?,
+        got.to_vec2::<f32>()?
+    );
+    let rng = SeededRng::new(11);
+    let train = model.project_image(&x, Some(&rng))?;
+    let moved = (train - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(moved > 1e-3, "input dropout did nothing in training");
+    Ok(())
+}
+
+/// erf by its Maclaurin series (|x| small) or continued fraction, to 1e-12.
+fn erf(x: f64) -> f64 {
+    if x.abs() < 3.0 {
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
+    } else {
+        // erfc continued fraction (Lentz), enough for |x| >= 3.
+        let z = x.abs();
+        let mut f = z;
+        let mut c = z;
+        let mut d = 0.0;
+        for k in 1..200 {
+            let a = k as f64 / 2.0;
+            d = z + a * d;
+            d = 1.0 / d;
+            c = z + a / c;
+            f *= c * d;
+        }
+        let erfc = (-z * z).exp() / (f * std::f64::consts::PI.sqrt());
+        (1.0 - erfc).copysign(x)
+    }
 }

@@ -295,12 +295,15 @@ fn clips_encode_like_their_frames_one_at_a_time() -> TestResult {
             let mut cls = Vec::new();
             for f in 0..t {
                 let frame = clips.get(i)?.get(f)?.unsqueeze(0)?;
-                let h = model.vision().forward(&frame, None, None)?;
+                let h = model
+                    .vision()
+                    .expect("a ViT tower")
+                    .forward(&frame, None, None)?;
                 cls.push(h.get_on_dim(1, 0)?);
             }
             let stacked = Tensor::stack(&cls, 1)?; // [1, T, D]
             let pooled = pool.forward(&stacked, None)?;
-            want.push(model.project_image(&pooled)?);
+            want.push(model.project_image(&pooled, None)?);
         }
         let want = l2_normalize(&Tensor::cat(&want, 0)?)?;
         let diff = max_abs_diff(&got.embed, &want)?;

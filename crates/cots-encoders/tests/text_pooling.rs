@@ -51,7 +51,7 @@ fn mean_and_cls_pooling_match_a_reference_and_ignore_padding() -> TestResult {
         }
         let d = hidden[0][0].len();
         let pooled = Tensor::from_vec(want, (texts.len(), d), &dev)?;
-        let want = m.project_text(&pooled)?;
+        let want = m.project_text(&pooled, None)?;
         for (g, w) in rows(&out.embed)?.iter().zip(rows(&want)?) {
             for (a, b) in g.iter().zip(w) {
                 assert!((a - b).abs() < 1e-5, "{pooling:?}: {a} vs {b}");

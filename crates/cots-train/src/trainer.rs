@@ -23,8 +23,8 @@ use cots_data::synthetic::vocabulary;
 use cots_data::video::{self, MissingPolicy};
 use cots_data::{manifest, Dataset, Loader, LoaderConfig, LoaderPosition, Split};
 use cots_encoders::tokenizer::TextTokenizer;
-use cots_encoders::weights::HfBertDir;
-use cots_encoders::{temporal, two_stream};
+use cots_encoders::weights::{self, HfBertDir};
+use cots_encoders::{efficientnet, temporal, two_stream};
 use cots_eval::RetrievalReport;
 use cots_objectives::ObjectiveState;
 use cots_ops::SeededRng;
@@ -180,7 +180,7 @@ fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
         (true, Some(frames)) => Some(temporal::Config {
             mode: cfg.model.temporal,
             num_frames: frames,
-            hidden: m.vision.hidden_size,
+            hidden: m.vision_width(),
             position_scale: cfg.model.temporal_position_scale,
             ..temporal::Config::default()
         }),
@@ -242,11 +242,59 @@ impl Trainer {
                 report.loaded.len()
             );
         }
+        match (&cfg.model.image_init, &cfg.model.init) {
+            (Some(path), _) => {
+                if model_cfg.image_tower.is_vit() {
+                    return Err(Error::Config(format!(
+                        "model.image_init ({}) is for a pretrained CNN image tower: set \
+                         image_tower = \"efficientnet-lite0\" in [model.two_stream], or remove it",
+                        path.display()
+                    )));
+                }
+                let tensors = efficientnet::load_weights(path)?;
+                let report = weights::load_tensors(
+                    &system.online,
+                    &tensors,
+                    path,
+                    &format!("{MODEL_PREFIX}.vision."),
+                    &[],
+                )?;
+                tracing::info!(
+                    "image tower initialised from {} ({} tensors, {} unused)",
+                    path.display(),
+                    report.loaded.len(),
+                    report.unexpected.len()
+                );
+            }
+            (None, None) if !model_cfg.image_tower.is_vit() => {
+                return Err(Error::Config(
+                    "the CNN image tower is frozen, so it needs pretrained weights: set \
+                     model.image_init to the EfficientNet-Lite0 .pth (see configs/emoji-effnet.toml) \
+                     or model.init to a run that has them"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
         if let Some(dir) = &cfg.model.init {
             init_towers(&system, dir)?;
         }
         system.ema.copy_from_online()?;
         system.lock_text = cfg.model.lock_text;
+        // Frozen towers now equal their momentum copies for good: the
+        // per-step EMA skips them (27 M of MiniLM + EfficientNet weights).
+        let (text, vision) = (
+            format!("{MODEL_PREFIX}.text."),
+            format!("{MODEL_PREFIX}.vision."),
+        );
+        let frozen_image = system.model.image_tower_frozen();
+        let lock_text = system.lock_text;
+        let frozen = |n: &str| {
+            (lock_text && n.starts_with(&text)) || (frozen_image && n.starts_with(&vision))
+        };
+        system.ema.retain(|n| !frozen(n));
+        // Random crops make every input new: nothing to remember.
+        system.cache_frozen = cfg.data.random_crop.is_none();
         if cfg.is_video() && system.objectives.needs().masked_image {
             return Err(Error::Config(
                 "masked vision modeling is not supported on video data (MLM is: it reads the \
@@ -586,6 +634,19 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
+        for (what, c) in [
+            ("image", &self.system.image_cache),
+            ("text", &self.system.text_cache),
+        ] {
+            if c.hits + c.misses > 0 {
+                tracing::info!(
+                    "frozen {what} tower: {} inputs remembered, {} of {} rows looked up",
+                    c.len(),
+                    c.hits,
+                    c.hits + c.misses
+                );
+            }
+        }
         let skipped = self.loader.skipped();
         if !skipped.is_empty() {
             tracing::warn!(

@@ -1,0 +1,227 @@
+//! Features of frozen towers, remembered by input.
+//!
+//! A frozen tower (the pretrained CNN image tower, a locked text tower) maps
+//! the same input to the same features every time, and without
+//! augmentation an epoch shows it the same inputs again. [`FeatureCache`]
+//! keeps each row's output under a 64-bit hash of the row's input values
+//! (pixels, or a text's unpadded token ids), so that only unseen rows go
+//! through the tower. Training then costs the trained heads and objectives
+//! alone after the first epoch, which is what makes LiT-style runs cheap on
+//! a CPU.
+//!
+//! Rows are computed in batches of the unseen ones. The towers work row by
+//! row, so a row's features do not depend on the other rows of its batch,
+//! except that a text padded to a longer batch sums its attention over more
+//! (zero-weighted) slots, which can move the last bits; `tests/frozen_towers.rs`
+//! checks cached against uncached training. Inputs that change each time
+//! (random crops) simply miss.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+use candle_core::{DType, Tensor};
+
+use crate::Result;
+
+/// At most this many floats per cache (1 GiB); rows beyond are computed and
+/// not kept.
+const MAX_FLOATS: usize = 1 << 28;
+
+/// Remembered rows of one tower's output.
+#[derive(Debug, Default)]
+pub struct FeatureCache {
+    rows: HashMap<u64, Vec<f32>>,
+    floats: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// A fixed-seed hash, so that keys are the same in every process.
+fn hash_row(parts: &[&[u8]]) -> u64 {
+    let mut h = ahash::RandomState::with_seeds(
+        0x243f_6a88_85a3_08d3,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    )
+    .build_hasher();
+    for p in parts {
+        h.write_usize(p.len());
+        h.write(p);
+    }
+    h.finish()
+}
+
+/// One key per row of each input (all `[B, ...]`, same `B`), from the rows'
+/// values and shapes.
+pub fn row_keys(inputs: &[&Tensor]) -> Result<Vec<u64>> {
+    let b = inputs.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    // Each input as its rows' values, u32 or f32 (4 bytes either way).
+    let mut values: Vec<Vec<Vec<u32>>> = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        let rows = t.flatten_from(1)?;
+        values.push(match t.dtype() {
+            DType::U32 => rows.to_vec2::<u32>()?,
+            _ => rows
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(|r| r.into_iter().map(f32::to_bits).collect())
+                .collect(),
+        });
+    }
+    Ok((0..b)
+        .map(|i| {
+            let parts: Vec<&[u8]> = values
+                .iter()
+                .map(|rows| bytemuck::cast_slice(rows[i].as_slice()))
+                .collect();
+            hash_row(&parts)
+        })
+        .collect())
+}
+
+/// One key per text: its token ids where the attention mask is 1, so that
+/// a caption has one key whatever its batch was padded to.
+///
+/// # Shapes
+/// - `ids`, `attention_mask`: `[B, L]` u32.
+pub fn text_keys(ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<u64>> {
+    let ids = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mask = attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    Ok(ids
+        .iter()
+        .zip(&mask)
+        .map(|(row, m)| {
+            let kept: Vec<u32> = row
+                .iter()
+                .zip(m)
+                .filter(|(_, &k)| k != 0)
+                .map(|(&t, _)| t)
+                .collect();
+            hash_row(&[bytemuck::cast_slice(kept.as_slice())])
+        })
+        .collect())
+}
+
+impl FeatureCache {
+    /// The `[B, D]` features of the rows named by `keys`: remembered ones are
+    /// looked up; the others are computed together by `compute`, given their
+    /// row indices (ascending, each key once), which must return `[n, D]`.
+    pub fn features(
+        &mut self,
+        keys: &[u64],
+        compute: impl FnOnce(&[usize]) -> Result<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !self.rows.contains_key(k) && seen.insert(*k) {
+                missing.push(i);
+            }
+        }
+        self.misses += missing.len() as u64;
+        self.hits += (keys.len() - missing.len()) as u64;
+        let mut fresh: HashMap<u64, Vec<f32>> = HashMap::new();
+        if !missing.is_empty() {
+            let out = compute(&missing)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (i, row) in missing.iter().zip(out) {
+                fresh.insert(keys[*i], row);
+            }
+        }
+        let mut data = Vec::new();
+        let mut width = 0;
+        for k in keys {
+            let row = fresh.get(k).or_else(|| self.rows.get(k)).ok_or_else(|| {
+                crate::Error::Config("feature cache: a computed row went missing".into())
+            })?;
+            width = row.len();
+            data.extend_from_slice(row);
+        }
+        for (k, row) in fresh {
+            if self.floats + row.len() <= MAX_FLOATS {
+                self.floats += row.len();
+                self.rows.insert(k, row);
+            }
+        }
+        Ok(Tensor::from_vec(data, (keys.len(), width), device)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rows_are_computed_once_and_returned_in_order() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [1.0, 2.0]], &dev)?;
+        let keys = row_keys(&[&x])?;
+        assert_eq!(keys[0], keys[2]);
+        assert_ne!(keys[0], keys[1]);
+        let mut cache = FeatureCache::default();
+        let mut asked = Vec::new();
+        let f = |rows: &[usize]| -> Result<Tensor> {
+            asked.push(rows.to_vec());
+            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+            Ok((x.index_select(&idx, 0)? * 10.0)?)
+        };
+        let out = cache.features(&keys, f, &dev)?;
+        assert_eq!(
+            out.to_vec2::<f32>()?,
+            vec![vec![10., 20.], vec![30., 40.], vec![10., 20.]]
+        );
+        assert_eq!(asked, vec![vec![0, 1]]);
+        assert_eq!((cache.hits, cache.misses, cache.len()), (1, 2, 2));
+
+        // A second batch: one known row, one new; only the new one is computed.
+        let y = Tensor::new(&[[3f32, 4.0], [5.0, 6.0]], &dev)?;
+        let keys = row_keys(&[&y])?;
+        let mut asked2 = Vec::new();
+        let out = cache.features(
+            &keys,
+            |rows: &[usize]| {
+                asked2.push(rows.to_vec());
+                Ok(Tensor::new(&[[50f32, 60.0]], &dev)?)
+            },
+            &dev,
+        )?;
+        assert_eq!(out.to_vec2::<f32>()?, vec![vec![30., 40.], vec![50., 60.]]);
+        assert_eq!(asked2, vec![vec![1]]);
+
+        // Keys see every input: the same ids under another mask differ.
+        let ids = Tensor::new(&[[2u32, 5, 0], [2, 5, 0]], &dev)?;
+        let mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &dev)?;
+        let k = row_keys(&[&ids, &mask])?;
+        assert_ne!(k[0], k[1]);
+        // A text's key ignores padding but not its tokens.
+        let a = text_keys(
+            &Tensor::new(&[[2u32, 5, 3]], &dev)?,
+            &Tensor::new(&[[1u32, 1, 1]], &dev)?,
+        )?;
+        let b = text_keys(
+            &Tensor::new(
+                &[[2u32, 5, 3, 0, 0], [2, 5, 0, 0, 0], [2, 5, 3, 9, 0]],
+                &dev,
+            )?,
+            &Tensor::new(
+                &[[1u32, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]],
+                &dev,
+            )?,
+        )?;
+        assert_eq!(a[0], b[0]);
+        assert_ne!(b[0], b[1]);
+        assert_ne!(b[0], b[2]);
+        Ok(())
+    }
+}
