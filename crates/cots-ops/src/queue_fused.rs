@@ -951,7 +951,6 @@ impl CustomOp2 for QueueKlOp {
 /// # Shapes
 /// - `f_scaled` = `f / tau`, `t_scaled` = `t / tau`, `t_m`, `f_m`: `[B, D]`;
 ///   `queue_t`, `queue_i`: `[K, D]`; returns `[B]`.
-#[allow(clippy::too_many_arguments)]
 pub fn queue_kl_fused(
     f_scaled: &Tensor,
     t_m: &Tensor,
@@ -973,7 +972,6 @@ pub fn queue_kl_fused(
 /// The op's whole output `[B, 5 + n D]` (see [`QueueKlOp`]) with no backward
 /// pass, on the CPU or, with the `cuda` feature, a CUDA device: what the tests
 /// compare between devices and the benchmarks time.
-#[allow(clippy::too_many_arguments)]
 pub fn queue_kl_raw(
     f_scaled: &Tensor,
     t_m: &Tensor,

@@ -13,8 +13,8 @@
 //! row, so a row's features do not depend on the other rows of its batch,
 //! except that a text padded to a longer batch sums its attention over more
 //! (zero-weighted) slots, which can move the last bits; `tests/frozen_towers.rs`
-//! checks cached against uncached training. Inputs that change each time
-//! (random crops) simply miss.
+//! checks cached against uncached training. Under random crops images never
+//! repeat, so the trainer turns the image cache off.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -28,16 +28,32 @@ use crate::Result;
 const MAX_FLOATS: usize = 1 << 28;
 
 /// Remembered rows of one tower's output.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FeatureCache {
+    /// Off: every row is computed and nothing is kept (the trainer turns
+    /// the image cache off under random crops, where inputs never repeat).
+    pub enabled: bool,
     rows: HashMap<u64, Vec<f32>>,
     floats: usize,
     pub hits: u64,
     pub misses: u64,
 }
 
-/// A fixed-seed hash, so that keys are the same in every process.
-fn hash_row(parts: &[&[u8]]) -> u64 {
+impl Default for FeatureCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rows: HashMap::new(),
+            floats: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+}
+
+/// A fixed-seed hash of 32-bit values, so that keys are the same in every
+/// process.
+fn hash_row(values: &[u32]) -> u64 {
     let mut h = ahash::RandomState::with_seeds(
         0x243f_6a88_85a3_08d3,
         0x1319_8a2e_0370_7344,
@@ -45,39 +61,22 @@ fn hash_row(parts: &[&[u8]]) -> u64 {
         0x082e_fa98_ec4e_6c89,
     )
     .build_hasher();
-    for p in parts {
-        h.write_usize(p.len());
-        h.write(p);
-    }
+    h.write_usize(values.len());
+    h.write(bytemuck::cast_slice(values));
     h.finish()
 }
 
-/// One key per row of each input (all `[B, ...]`, same `B`), from the rows'
-/// values and shapes.
-pub fn row_keys(inputs: &[&Tensor]) -> Result<Vec<u64>> {
-    let b = inputs.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
-    // Each input as its rows' values, u32 or f32 (4 bytes either way).
-    let mut values: Vec<Vec<Vec<u32>>> = Vec::with_capacity(inputs.len());
-    for t in inputs {
-        let rows = t.flatten_from(1)?;
-        values.push(match t.dtype() {
-            DType::U32 => rows.to_vec2::<u32>()?,
-            _ => rows
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?
-                .into_iter()
-                .map(|r| r.into_iter().map(f32::to_bits).collect())
-                .collect(),
-        });
-    }
-    Ok((0..b)
-        .map(|i| {
-            let parts: Vec<&[u8]> = values
-                .iter()
-                .map(|rows| bytemuck::cast_slice(rows[i].as_slice()))
-                .collect();
-            hash_row(&parts)
-        })
+/// One key per image, from its pixel values.
+///
+/// # Shapes
+/// - `pixels`: `[B, ...]` (f32 or convertible).
+pub fn pixel_keys(pixels: &Tensor) -> Result<Vec<u64>> {
+    Ok(pixels
+        .flatten_from(1)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?
+        .into_iter()
+        .map(|r| hash_row(&r.into_iter().map(f32::to_bits).collect::<Vec<_>>()))
         .collect())
 }
 
@@ -99,21 +98,28 @@ pub fn text_keys(ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<u64>> {
                 .filter(|(_, &k)| k != 0)
                 .map(|(&t, _)| t)
                 .collect();
-            hash_row(&[bytemuck::cast_slice(kept.as_slice())])
+            hash_row(&kept)
         })
         .collect())
 }
 
 impl FeatureCache {
-    /// The `[B, D]` features of the rows named by `keys`: remembered ones are
-    /// looked up; the others are computed together by `compute`, given their
-    /// row indices (ascending, each key once), which must return `[n, D]`.
+    /// The `[B, D]` features of `rows` inputs whose keys `keys` gives:
+    /// remembered ones are looked up; the others are computed together by
+    /// `compute`, given their row indices (ascending, each key once), which
+    /// must return `[n, D]`. When the cache is off, `compute` gets every row
+    /// and no key is made.
     pub fn features(
         &mut self,
-        keys: &[u64],
+        rows: usize,
+        keys: impl FnOnce() -> Result<Vec<u64>>,
         compute: impl FnOnce(&[usize]) -> Result<Tensor>,
         device: &candle_core::Device,
     ) -> Result<Tensor> {
+        if !self.enabled {
+            return compute(&(0..rows).collect::<Vec<_>>());
+        }
+        let keys = keys()?;
         let mut missing = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, k) in keys.iter().enumerate() {
@@ -132,7 +138,7 @@ impl FeatureCache {
         }
         let mut data = Vec::new();
         let mut width = 0;
-        for k in keys {
+        for k in &keys {
             let row = fresh.get(k).or_else(|| self.rows.get(k)).ok_or_else(|| {
                 crate::Error::Config("feature cache: a computed row went missing".into())
             })?;
@@ -166,7 +172,7 @@ mod tests {
     fn rows_are_computed_once_and_returned_in_order() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [1.0, 2.0]], &dev)?;
-        let keys = row_keys(&[&x])?;
+        let keys = pixel_keys(&x)?;
         assert_eq!(keys[0], keys[2]);
         assert_ne!(keys[0], keys[1]);
         let mut cache = FeatureCache::default();
@@ -176,7 +182,7 @@ mod tests {
             let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
             Ok((x.index_select(&idx, 0)? * 10.0)?)
         };
-        let out = cache.features(&keys, f, &dev)?;
+        let out = cache.features(3, || Ok(keys.clone()), f, &dev)?;
         assert_eq!(
             out.to_vec2::<f32>()?,
             vec![vec![10., 20.], vec![30., 40.], vec![10., 20.]]
@@ -186,10 +192,11 @@ mod tests {
 
         // A second batch: one known row, one new; only the new one is computed.
         let y = Tensor::new(&[[3f32, 4.0], [5.0, 6.0]], &dev)?;
-        let keys = row_keys(&[&y])?;
+        let keys = pixel_keys(&y)?;
         let mut asked2 = Vec::new();
         let out = cache.features(
-            &keys,
+            2,
+            || Ok(keys),
             |rows: &[usize]| {
                 asked2.push(rows.to_vec());
                 Ok(Tensor::new(&[[50f32, 60.0]], &dev)?)
@@ -199,11 +206,28 @@ mod tests {
         assert_eq!(out.to_vec2::<f32>()?, vec![vec![30., 40.], vec![50., 60.]]);
         assert_eq!(asked2, vec![vec![1]]);
 
-        // Keys see every input: the same ids under another mask differ.
+        // Keys see the mask: the same ids under another mask differ.
         let ids = Tensor::new(&[[2u32, 5, 0], [2, 5, 0]], &dev)?;
         let mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &dev)?;
-        let k = row_keys(&[&ids, &mask])?;
+        let k = text_keys(&ids, &mask)?;
         assert_ne!(k[0], k[1]);
+
+        // Off: every row computed, nothing kept or counted.
+        let mut off = FeatureCache {
+            enabled: false,
+            ..FeatureCache::default()
+        };
+        let out = off.features(
+            2,
+            || panic!("no keys when off"),
+            |rows: &[usize]| {
+                assert_eq!(rows, [0, 1]);
+                Ok(y.clone())
+            },
+            &dev,
+        )?;
+        assert_eq!(out.to_vec2::<f32>()?, y.to_vec2::<f32>()?);
+        assert_eq!((off.hits, off.misses, off.len()), (0, 0, 0));
         // A text's key ignores padding but not its tokens.
         let a = text_keys(
             &Tensor::new(&[[2u32, 5, 3]], &dev)?,

@@ -72,9 +72,8 @@ pub struct System {
     /// The text tower is locked (`model.lock_text`): not trained, run
     /// without dropout, its output detached.
     pub lock_text: bool,
-    /// Remember the features of frozen towers (a locked text tower, the CNN
-    /// image tower) per input; the trainer turns it off under random crops.
-    pub cache_frozen: bool,
+    /// Features of the frozen towers (the CNN image tower, a locked text
+    /// tower), remembered per input.
     pub image_cache: FeatureCache,
     pub text_cache: FeatureCache,
 }
@@ -147,7 +146,6 @@ impl System {
             dvae,
             device: device.clone(),
             lock_text: false,
-            cache_frozen: true,
             image_cache: FeatureCache::default(),
             text_cache: FeatureCache::default(),
         })
@@ -172,12 +170,12 @@ impl System {
                     .hidden
                     .get_on_dim(1, 0)?)
             };
-            let pooled = if self.cache_frozen {
-                let keys = frozen::row_keys(&[&b.pixels])?;
-                self.image_cache.features(&keys, features, &device)?
-            } else {
-                features(&(0..b.pixels.dim(0)?).collect::<Vec<_>>())?
-            };
+            let pooled = self.image_cache.features(
+                b.pixels.dim(0)?,
+                || frozen::pixel_keys(&b.pixels),
+                features,
+                &device,
+            )?;
             ImageOutput {
                 embed: self.model.project_image(&pooled, rng)?,
                 hidden: pooled.unsqueeze(1)?,
@@ -196,12 +194,12 @@ impl System {
                 let hidden = model.text().forward(&ids, None, Some(&mask), None)?;
                 Ok(model.pool_text(&hidden, Some(&mask))?.detach())
             };
-            Some(if self.cache_frozen {
-                let keys = frozen::text_keys(&b.input_ids, &b.attention_mask)?;
-                self.text_cache.features(&keys, features, &device)?
-            } else {
-                features(&(0..b.input_ids.dim(0)?).collect::<Vec<_>>())?
-            })
+            Some(self.text_cache.features(
+                b.input_ids.dim(0)?,
+                || frozen::text_keys(&b.input_ids, &b.attention_mask),
+                features,
+                &device,
+            )?)
         } else {
             None
         };
@@ -326,16 +324,26 @@ impl System {
         Ok(())
     }
 
-    /// Trainable variables (towers and objective heads, less a locked text
-    /// tower and a frozen image tower), sorted by name.
+    /// Name prefixes of the frozen towers' variables: a locked text tower,
+    /// the CNN image tower.
+    pub fn frozen_prefixes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.lock_text {
+            out.push(format!("{MODEL_PREFIX}.text."));
+        }
+        if self.model.image_tower_frozen() {
+            out.push(format!("{MODEL_PREFIX}.vision."));
+        }
+        out
+    }
+
+    /// Trainable variables (towers and objective heads, less the frozen
+    /// towers), sorted by name.
     pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
-        let text = format!("{MODEL_PREFIX}.text.");
-        let vision = format!("{MODEL_PREFIX}.vision.");
-        let frozen_image = self.model.image_tower_frozen();
+        let frozen = self.frozen_prefixes();
         sorted_vars(&self.online)
             .into_iter()
-            .filter(|(name, _)| !(self.lock_text && name.starts_with(&text)))
-            .filter(|(name, _)| !(frozen_image && name.starts_with(&vision)))
+            .filter(|(name, _)| !frozen.iter().any(|p| name.starts_with(p)))
             .collect()
     }
 }

@@ -283,18 +283,12 @@ impl Trainer {
         system.lock_text = cfg.model.lock_text;
         // Frozen towers now equal their momentum copies for good: the
         // per-step EMA skips them (27 M of MiniLM + EfficientNet weights).
-        let (text, vision) = (
-            format!("{MODEL_PREFIX}.text."),
-            format!("{MODEL_PREFIX}.vision."),
-        );
-        let frozen_image = system.model.image_tower_frozen();
-        let lock_text = system.lock_text;
-        let frozen = |n: &str| {
-            (lock_text && n.starts_with(&text)) || (frozen_image && n.starts_with(&vision))
-        };
-        system.ema.retain(|n| !frozen(n));
-        // Random crops make every input new: nothing to remember.
-        system.cache_frozen = cfg.data.random_crop.is_none();
+        let frozen = system.frozen_prefixes();
+        system
+            .ema
+            .retain(|n| !frozen.iter().any(|p| n.starts_with(p)));
+        // Random crops make every image new: nothing to remember.
+        system.image_cache.enabled = cfg.data.random_crop.is_none();
         if cfg.is_video() && system.objectives.needs().masked_image {
             return Err(Error::Config(
                 "masked vision modeling is not supported on video data (MLM is: it reads the \

@@ -220,7 +220,8 @@ fn remembered_frozen_features_train_exactly_like_recomputed_ones() {
         let mut cfg = config(&dir.path().join(format!("run-{cache}")), Some(&weights));
         cfg.model.lock_text = true;
         let mut t = Trainer::new(cfg, &Device::Cpu, false).unwrap();
-        t.system.cache_frozen = cache;
+        t.system.image_cache.enabled = cache;
+        t.system.text_cache.enabled = cache;
         // 32 training pairs in batches of 8: steps 5 and 6 see known inputs.
         let losses = (0..6).map(|_| t.train_step().unwrap().loss).collect();
         let (i, x) = (&t.system.image_cache, &t.system.text_cache);
