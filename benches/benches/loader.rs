@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cots_data::image_io::{load_pixels, ImageConfig};
 use cots_data::synthetic::{vocabulary, SyntheticConfig};
 use cots_data::{Dataset, ImageSource, Item, Loader, LoaderConfig, LoaderPosition, Split};
-use cots_encoders::tokenizer::TextTokenizer;
+use cots_text::TextTokenizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn bench(c: &mut Criterion) {
@@ -33,6 +33,7 @@ fn bench(c: &mut Criterion) {
             captions: vec!["a generated photo".into()],
             split: Split::Train,
             category: None,
+            origin: None,
         });
     }
     let tok = Arc::new(TextTokenizer::from_words(&vocabulary()).unwrap());

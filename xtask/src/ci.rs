@@ -5,6 +5,7 @@ use anyhow::Result;
 use crate::util::{cargo, exec};
 
 pub fn run(_args: &[String]) -> Result<()> {
+    crate::layers::run(&[])?;
     exec(cargo(["fmt", "--all", "--", "--check"]))?;
     exec(cargo([
         "clippy",

@@ -172,7 +172,7 @@ const TEXT_PACKAGES: [&str; 3] = ["emojibase-data", "emoji-datasource", "openmoj
 /// base emoji only); leaving them packed saves most of the 730 MB.
 const SKIN_TONE_VARIANTS: &[&str] = &["*-1f3f[b-f]*"];
 
-/// The animations (`cots_data::emoji_video::ANIM_PACKAGES`): animated WebP
+/// The animations (`cots_datasets::emoji_video::ANIM_PACKAGES`): animated WebP
 /// files under `assets/`, named by codepoint.
 const ANIM_PACKAGES: &[Package] = &[
     Package {
@@ -205,7 +205,7 @@ const ANIM_PACKAGES: &[Package] = &[
     },
 ];
 
-/// The file the builder reads the checksums from (`cots_data::emoji::INTEGRITY_FILE`).
+/// The file the builder reads the checksums from (`cots_datasets::emoji::INTEGRITY_FILE`).
 const INTEGRITY_FILE: &str = "integrity.txt";
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -469,19 +469,19 @@ fn remove_dir_if_any(dir: &Path) -> Result<()> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    use std::io::Write;
+    let context = || format!("writing {}", path.display());
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).with_context(context)?;
+    f.write_all(bytes).with_context(context)?;
+    f.commit().with_context(context)
 }
 
-/// The value of the first `"key": "value"` in `npm pack --json` output (the
-/// package's own fields come before its file list).
+/// The string field `key` of the first package object in `npm pack --json`
+/// output (an array with one object per packed package).
 fn json_string(json: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\"");
-    let rest = &json[json.find(&pat)? + pat.len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let rest = rest.strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_string())
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let first = value.as_array()?.first()?;
+    Some(first.get(key)?.as_str()?.to_string())
 }
 
 /// The SRI string (`sha512-<base64>`) of a file, via `sha512sum` or `shasum`.

@@ -1,7 +1,8 @@
 //! `cargo xtask`: how the project is built, checked and benchmarked.
 //!
-//! One file per command; anyhow throughout; no dependencies beyond anyhow so
-//! that `cargo xtask` itself builds in seconds.
+//! One file per command; anyhow throughout; few dependencies (serde_json to
+//! read tools' JSON, atomic-write-file for downloads) so that `cargo xtask`
+//! itself builds in seconds.
 
 mod bench;
 mod check_cuda;
@@ -9,6 +10,7 @@ mod ci;
 mod data;
 mod fuzz;
 mod kernels;
+mod layers;
 mod speedup;
 mod util;
 
@@ -18,7 +20,9 @@ const HELP: &str = "\
 cargo xtask <command> [args]
 
 Commands:
-  ci                 fmt check, clippy -D warnings, then the whole test suite (cheapest first)
+  ci                 layers, fmt check, clippy -D warnings, then the whole test suite (cheapest first)
+  layers             fails when a crate's library depends on a crate outside its layer
+                     (the allowed edges are listed in xtask/src/layers.rs)
   bench [--quick]    criterion benchmarks and the speedup comparison; --quick is the
                      few-minute version CI runs (fails on a broken benchmark, never on a slow machine)
   speedup [args]     two-stream vs single-stream retrieval time (the paper's 10,800x claim);
@@ -58,6 +62,7 @@ fn run() -> Result<()> {
         "data" => data::run(rest),
         "fuzz" => fuzz::run(rest),
         "kernels" => kernels::run(rest),
+        "layers" => layers::run(rest),
         "check-cuda" => check_cuda::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");

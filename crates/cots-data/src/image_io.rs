@@ -1,12 +1,39 @@
 //! How does a file or a scene become the model's input tensor?
 //!
 //! Decoding (PNG, JPEG, WebP, GIF first frame by content; SVG by extension,
-//! rendered with resvg), resize of the shorter side + centre crop, and
+//! rendered with resvg), compositing of transparent pixels over the
+//! configured background, resize of the shorter side + centre crop, and
 //! per-channel normalisation to CHW f32.
+//!
+//! # SVG is untrusted input
+//! SVGs come from users (queries, galleries, manifests), so rendering one
+//! must never reach the file system or the network, and must stay bounded:
+//! - no external resources: `<image href>` (and `<feImage>`) naming a path
+//!   or a URL resolves to nothing; `data:` URIs are decoded only for PNG,
+//!   JPEG, GIF and WebP whose header says at most [`MAX_EMBEDDED_SIDE`]
+//!   pixels a side, at most [`MAX_EMBEDDED_IMAGES`] per document; an
+//!   embedded SVG is refused (it would be a second, unbounded document);
+//! - a size budget: files above [`MAX_SVG_BYTES`] and gzip-compressed SVG
+//!   (whose inflated size the header does not tell) are refused before
+//!   parsing;
+//! - a node budget: at most [`MAX_SVG_ELEMENTS`] elements in the file,
+//!   nesting at most [`MAX_SVG_DEPTH`] deep, and at most
+//!   [`MAX_SVG_EXPANDED`] elements once every `<use>` and every `url(#id)`
+//!   reference (paint servers, clips, masks, filters, markers; markers
+//!   charged once per coordinate of the path that carries them) is counted
+//!   at each place it is drawn; a recursive reference is refused;
+//! - a render budget: the canvas is [`SVG_RENDER_SIDE`] pixels on its
+//!   longer side whatever the declared size or `viewBox`.
+//!
+//! No wall-clock timeout is enforced (a render cannot be interrupted); the
+//! budgets above bound the work instead.
 
+use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use image::{imageops::FilterType, RgbImage};
+use image::{imageops::FilterType, RgbImage, RgbaImage};
+use resvg::usvg::roxmltree;
 use serde::{Deserialize, Serialize};
 
 use crate::video::synthetic::{render_clip, SyntheticVideoConfig};
@@ -14,6 +41,22 @@ use crate::video::{
     count_frames, decode_frames, decode_sampled, sample_indices, DecodeOptions, SampleMode,
 };
 use crate::{synthetic, Error, ImageSource, Result};
+
+/// SVG files larger than this are refused before parsing.
+pub const MAX_SVG_BYTES: u64 = 4 << 20;
+/// Most elements an SVG file may hold.
+pub const MAX_SVG_ELEMENTS: usize = 50_000;
+/// Deepest element nesting, `<use>` indirections included (the renderer
+/// recurses on it).
+pub const MAX_SVG_DEPTH: usize = 128;
+/// Most elements an SVG may draw once references are expanded.
+pub const MAX_SVG_EXPANDED: u64 = 200_000;
+/// Pixels on the longer side of the canvas an SVG is rendered on.
+pub const SVG_RENDER_SIDE: u32 = 256;
+/// Largest side of a raster image embedded in an SVG as a `data:` URI.
+pub const MAX_EMBEDDED_SIDE: u32 = 1024;
+/// Most raster images an SVG may embed.
+pub const MAX_EMBEDDED_IMAGES: usize = 8;
 
 /// Input size and normalisation of the image tower.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,6 +76,91 @@ pub struct ImageConfig {
     /// default) or the first frame only, the single-frame baseline.
     #[serde(skip_serializing_if = "FrameSampling::is_tsn")]
     pub frame_sampling: FrameSampling,
+    /// The opaque colour transparent pixels are composited over, in every
+    /// image and video frame read (`"#rrggbb"` or `[r, g, b]`; white by
+    /// default, which is not written out).
+    #[serde(skip_serializing_if = "Background::is_white")]
+    pub background: Background,
+}
+
+/// An opaque RGB colour that images with an alpha channel are composited
+/// over (`data.image.background`).
+///
+/// Written as `"#rrggbb"`; read from `"#rrggbb"` or `[r, g, b]` with
+/// components in 0..=255, anything else being an error at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Background(pub [u8; 3]);
+
+impl Background {
+    pub const WHITE: Background = Background([255, 255, 255]);
+
+    fn is_white(&self) -> bool {
+        *self == Self::WHITE
+    }
+
+    /// Parses `#rrggbb`.
+    pub fn parse_hex(s: &str) -> std::result::Result<Self, String> {
+        let hex = s
+            .strip_prefix('#')
+            .filter(|h| h.len() == 6 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| format!("background `{s}` is not a colour of the form #rrggbb"))?;
+        let mut rgb = [0u8; 3];
+        for (c, v) in rgb.iter_mut().enumerate() {
+            *v = u8::from_str_radix(&hex[2 * c..2 * c + 2], 16)
+                .map_err(|e| format!("background `{s}`: {e}"))?;
+        }
+        Ok(Self(rgb))
+    }
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Self::WHITE
+    }
+}
+
+impl std::fmt::Display for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [r, g, b] = self.0;
+        write!(f, "#{r:02x}{g:02x}{b:02x}")
+    }
+}
+
+impl Serialize for Background {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Background {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Background;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a colour \"#rrggbb\" or [r, g, b] with components in 0..=255")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Background, E> {
+                Background::parse_hex(s).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Background, A::Error> {
+                let mut rgb = [0u8; 3];
+                for (i, v) in rgb.iter_mut().enumerate() {
+                    *v = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(4, &self));
+                }
+                Ok(Background(rgb))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// How the frames of a clip are chosen (`data.image.frame_sampling`).
@@ -63,60 +191,400 @@ impl Default for ImageConfig {
             std: [0.5; 3],
             frames: None,
             frame_sampling: FrameSampling::Tsn,
+            background: Background::WHITE,
         }
     }
 }
 
-/// Decodes an image file, naming it in any error.
-pub fn decode(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+/// Composites RGBA over an opaque background: `c * a + bg * (255 - a)`,
+/// divided by 255 and rounded to nearest.
+pub fn composite(img: &RgbaImage, background: Background) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(img.pixels()) {
+        let a = u32::from(p[3]);
+        for c in 0..3 {
+            let bg = u32::from(background.0[c]);
+            o[c] = ((u32::from(p[c]) * a + bg * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    decode_bytes(&bytes, path)
-}
-
-/// Decodes image bytes; `origin` names them in errors.
-pub fn decode_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
-    let is_svg = origin
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
-        || bytes.trim_ascii_start().starts_with(b"<svg")
-        || bytes.trim_ascii_start().starts_with(b"<?xml");
-    if is_svg {
-        return render_svg(bytes, origin);
     }
-    image::load_from_memory(bytes)
-        .map(|img| img.to_rgb8())
-        .map_err(|e| Error::Image {
-            path: origin.to_path_buf(),
-            message: e.to_string(),
-        })
 }
 
-fn render_svg(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
-    use resvg::{tiny_skia, usvg};
+fn is_svg(bytes: &[u8], origin: &Path) -> bool {
+    origin
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg") || e.eq_ignore_ascii_case("svgz"))
+        || bytes.trim_ascii_start().starts_with(b"<svg")
+        || bytes.trim_ascii_start().starts_with(b"<?xml")
+}
+
+/// Reads an image file: only a regular file (a FIFO or a device would block
+/// or never end), and an SVG no larger than [`MAX_SVG_BYTES`], checked
+/// before its bytes are read.
+fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: "not a regular file".into(),
+        });
+    }
+    if is_svg(b"", path) {
+        if meta.len() > MAX_SVG_BYTES {
+            return Err(svg_too_large(path, meta.len()));
+        }
+        // The file may grow between the check and the read.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(io_err(path))?
+            .take(MAX_SVG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(path))?;
+        return Ok(bytes);
+    }
+    std::fs::read(path).map_err(io_err(path))
+}
+
+fn svg_too_large(path: &Path, len: u64) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        message: format!("SVG refused: {len} bytes, above the limit of {MAX_SVG_BYTES}"),
+    }
+}
+
+/// Decodes an image file over white, naming it in any error.
+pub fn decode(path: &Path) -> Result<RgbImage> {
+    decode_over(path, Background::WHITE)
+}
+
+/// Decodes an image file, compositing transparent pixels over `background`.
+pub fn decode_over(path: &Path, background: Background) -> Result<RgbImage> {
+    decode_bytes_over(&read_image_file(path)?, path, background)
+}
+
+/// Decodes image bytes over white; `origin` names them in errors.
+pub fn decode_bytes(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
+    decode_bytes_over(bytes, origin, Background::WHITE)
+}
+
+/// Decodes image bytes, compositing transparent pixels over `background`;
+/// `origin` names them in errors.
+pub fn decode_bytes_over(bytes: &[u8], origin: &Path, background: Background) -> Result<RgbImage> {
+    if is_svg(bytes, origin) {
+        return render_svg(bytes, origin, background);
+    }
+    let img = image::load_from_memory(bytes).map_err(|e| Error::Image {
+        path: origin.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    // The colour of a transparent pixel is arbitrary (often black, sometimes
+    // garbage left by the encoder), so an alpha channel is always applied.
+    Ok(if img.color().has_alpha() {
+        composite(&img.to_rgba8(), background)
+    } else {
+        img.to_rgb8()
+    })
+}
+
+/// Checks that an image file can be read without decoding its pixels: a
+/// raster file's header and dimensions, an SVG's budgets and structure.
+/// Returns the width and height (an SVG's declared size, rounded up).
+pub fn probe(path: &Path) -> Result<(u32, u32)> {
+    if is_svg(b"", path) {
+        let bytes = read_image_file(path)?;
+        let tree = parse_svg(&bytes, path, &AtomicUsize::new(0))?;
+        let size = tree.size();
+        return Ok((size.width().ceil() as u32, size.height().ceil() as u32));
+    }
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: "not a regular file".into(),
+        });
+    }
+    let reader = image::ImageReader::open(path)
+        .map_err(io_err(path))?
+        .with_guessed_format()
+        .map_err(io_err(path))?;
+    if reader.format().is_none() {
+        // Content that is no known raster format may still be an SVG
+        // without the extension.
+        let mut head = [0u8; 256];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(io_err(path))?;
+        if is_svg(&head[..n], Path::new("")) {
+            if meta.len() > MAX_SVG_BYTES {
+                return Err(svg_too_large(path, meta.len()));
+            }
+            let bytes = std::fs::read(path).map_err(io_err(path))?;
+            let tree = parse_svg(&bytes, path, &AtomicUsize::new(0))?;
+            let size = tree.size();
+            return Ok((size.width().ceil() as u32, size.height().ceil() as u32));
+        }
+    }
+    reader.into_dimensions().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The `href` of an element, plain or `xlink:`.
+fn href<'a>(node: &roxmltree::Node<'a, '_>) -> Option<&'a str> {
+    node.attribute("href")
+        .or_else(|| node.attribute(("http://www.w3.org/1999/xlink", "href")))
+}
+
+/// The ids named by `url(#id)` in a property value.
+fn url_refs(value: &str) -> impl Iterator<Item = &str> {
+    value.split("url(").skip(1).filter_map(|rest| {
+        let rest = rest.trim_start().trim_start_matches(['"', '\'']);
+        let id = rest.strip_prefix('#')?;
+        let end = id.find([')', '"', '\'']).unwrap_or(id.len());
+        Some(id[..end].trim())
+    })
+}
+
+/// An upper bound on the vertices of a shape: the numbers in its geometry.
+fn coordinate_count(node: &roxmltree::Node<'_, '_>) -> u64 {
+    let geometry = node.attribute("d").or_else(|| node.attribute("points"));
+    geometry.map_or(4, |g| {
+        g.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|t| !t.is_empty())
+            .count() as u64
+            + 1
+    })
+}
+
+/// Counts what an SVG document draws once references are expanded, refusing
+/// it above the node budget (see the module doc).
+struct SvgBudget<'a, 'input> {
+    ids: std::collections::HashMap<&'a str, roxmltree::Node<'a, 'input>>,
+    /// `url(#id)` references of `<style>` sheets, which a selector may apply
+    /// to any element, so each element is charged for them.
+    css_refs: Vec<roxmltree::Node<'a, 'input>>,
+    /// Per element: (expanded element count, height below it).
+    memo: std::collections::HashMap<roxmltree::NodeId, (u64, usize)>,
+    active: std::collections::HashSet<roxmltree::NodeId>,
+}
+
+impl<'a, 'input> SvgBudget<'a, 'input> {
+    fn new(doc: &'a roxmltree::Document<'input>) -> std::result::Result<Self, String> {
+        let mut ids = std::collections::HashMap::new();
+        let mut elements = 0usize;
+        let mut css = String::new();
+        for node in doc.descendants().filter(|n| n.is_element()) {
+            elements += 1;
+            if let Some(id) = node.attribute("id") {
+                ids.entry(id).or_insert(node);
+            }
+            if node.tag_name().name() == "style" {
+                css.extend(node.children().filter_map(|c| c.text()));
+            }
+        }
+        if elements > MAX_SVG_ELEMENTS {
+            return Err(format!(
+                "{elements} elements, above the limit of {MAX_SVG_ELEMENTS}"
+            ));
+        }
+        let css_refs = url_refs(&css)
+            .filter_map(|id| ids.get(id).copied())
+            .collect();
+        Ok(Self {
+            ids,
+            css_refs,
+            memo: Default::default(),
+            active: Default::default(),
+        })
+    }
+
+    /// The expanded element count of `node`'s subtree and the height below
+    /// it, checked against the budget at `depth`.
+    fn expand(
+        &mut self,
+        node: roxmltree::Node<'a, 'input>,
+        depth: usize,
+    ) -> std::result::Result<(u64, usize), String> {
+        let too_deep = || {
+            format!("elements nest deeper than {MAX_SVG_DEPTH} (with <use> and url() references)")
+        };
+        if depth > MAX_SVG_DEPTH {
+            return Err(too_deep());
+        }
+        if let Some(&(cost, height)) = self.memo.get(&node.id()) {
+            if depth + height > MAX_SVG_DEPTH {
+                return Err(too_deep());
+            }
+            return Ok((cost, height));
+        }
+        if !self.active.insert(node.id()) {
+            return Err(format!(
+                "element `{}` references itself",
+                node.attribute("id").unwrap_or("?")
+            ));
+        }
+        let mut cost = 1u64;
+        let mut height = 0usize;
+        let mut add = |this: &mut Self, target, times: u64| -> std::result::Result<(), String> {
+            let (c, h) = this.expand(target, depth + 1)?;
+            cost = cost.saturating_add(c.saturating_mul(times));
+            height = height.max(h + 1);
+            if cost > MAX_SVG_EXPANDED {
+                return Err(format!(
+                    "it draws more than {MAX_SVG_EXPANDED} elements once references are expanded"
+                ));
+            }
+            Ok(())
+        };
+        for child in node.children().filter(|c| c.is_element()) {
+            add(self, child, 1)?;
+        }
+        if node.tag_name().name() == "use" {
+            if let Some(target) = href(&node)
+                .and_then(|h| h.strip_prefix('#'))
+                .and_then(|id| self.ids.get(id).copied())
+            {
+                add(self, target, 1)?;
+            }
+        }
+        let vertices = coordinate_count(&node);
+        let mut refs: Vec<(roxmltree::Node<'a, 'input>, u64)> = Vec::new();
+        for attr in node.attributes() {
+            // Markers are drawn at every vertex; other references once.
+            let times = if attr.name().starts_with("marker") || attr.name() == "style" {
+                vertices
+            } else {
+                1
+            };
+            for id in url_refs(attr.value()) {
+                if let Some(&target) = self.ids.get(id) {
+                    refs.push((target, times));
+                }
+            }
+        }
+        if node.tag_name().name() != "style" {
+            refs.extend(self.css_refs.iter().map(|&t| (t, vertices)));
+        }
+        for (target, times) in refs {
+            add(self, target, times)?;
+        }
+        self.active.remove(&node.id());
+        self.memo.insert(node.id(), (cost, height));
+        Ok((cost, height))
+    }
+}
+
+/// Parses an SVG under the budgets of the module doc, with no access to
+/// files or the network; `embedded` counts the raster images it embeds.
+fn parse_svg(bytes: &[u8], origin: &Path, embedded: &AtomicUsize) -> Result<resvg::usvg::Tree> {
+    use resvg::usvg;
+    let refuse = |message: String| Error::Image {
+        path: origin.to_path_buf(),
+        message: format!("SVG refused: {message}"),
+    };
+    if bytes.len() as u64 > MAX_SVG_BYTES {
+        return Err(svg_too_large(origin, bytes.len() as u64));
+    }
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return Err(refuse(
+            "gzip-compressed SVG (svgz) is not accepted; send it uncompressed".into(),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| Error::Image {
+        path: origin.to_path_buf(),
+        message: format!("SVG is not UTF-8: {e}"),
+    })?;
+    let doc = roxmltree::Document::parse_with_options(
+        text,
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            // Elements, attributes and text: a generous multiple of the
+            // element budget, so that the parser itself stays bounded.
+            nodes_limit: (MAX_SVG_ELEMENTS * 8) as u32,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Error::Image {
+        path: origin.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    SvgBudget::new(&doc)
+        .and_then(|mut b| b.expand(doc.root_element(), 0).map(drop))
+        .map_err(refuse)?;
+    let opts = usvg::Options {
+        resources_dir: None,
+        image_href_resolver: usvg::ImageHrefResolver {
+            resolve_data: Box::new(move |_mime, data, _opts| embedded_raster(data, embedded)),
+            // A path or URL must never be opened.
+            resolve_string: Box::new(|_href, _opts| None),
+        },
+        ..usvg::Options::default()
+    };
+    usvg::Tree::from_xmltree(&doc, &opts).map_err(|e| Error::Image {
+        path: origin.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A `data:` image an SVG embeds, if it is a raster within the budgets.
+fn embedded_raster(
+    data: std::sync::Arc<Vec<u8>>,
+    embedded: &AtomicUsize,
+) -> Option<resvg::usvg::ImageKind> {
+    use resvg::usvg::ImageKind;
+    let reader = image::ImageReader::new(std::io::Cursor::new(data.as_slice()))
+        .with_guessed_format()
+        .ok()?;
+    let format = reader.format()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    if w > MAX_EMBEDDED_SIDE || h > MAX_EMBEDDED_SIDE {
+        return None;
+    }
+    if embedded.fetch_add(1, Ordering::Relaxed) >= MAX_EMBEDDED_IMAGES {
+        return None;
+    }
+    match format {
+        image::ImageFormat::Png => Some(ImageKind::PNG(data)),
+        image::ImageFormat::Jpeg => Some(ImageKind::JPEG(data)),
+        image::ImageFormat::Gif => Some(ImageKind::GIF(data)),
+        image::ImageFormat::WebP => Some(ImageKind::WEBP(data)),
+        _ => None,
+    }
+}
+
+fn render_svg(bytes: &[u8], origin: &Path, background: Background) -> Result<RgbImage> {
+    use resvg::tiny_skia;
     let err = |message: String| Error::Image {
         path: origin.to_path_buf(),
         message,
     };
-    let tree =
-        usvg::Tree::from_data(bytes, &usvg::Options::default()).map_err(|e| err(e.to_string()))?;
-    // Render at 256 px on the longer side; the transform resizes afterwards.
+    let tree = parse_svg(bytes, origin, &AtomicUsize::new(0))?;
+    // Render at a fixed size on the longer side, whatever the document
+    // declares; the transform resizes afterwards.
     let size = tree.size();
-    let scale = 256.0 / size.width().max(size.height()).max(1.0);
+    let scale = SVG_RENDER_SIDE as f32 / size.width().max(size.height()).max(1.0);
     let (w, h) = (
-        ((size.width() * scale).ceil() as u32).max(1),
-        ((size.height() * scale).ceil() as u32).max(1),
+        ((size.width() * scale).ceil() as u32).clamp(1, SVG_RENDER_SIDE),
+        ((size.height() * scale).ceil() as u32).clamp(1, SVG_RENDER_SIDE),
     );
     let mut pixmap = tiny_skia::Pixmap::new(w, h).ok_or_else(|| err("empty SVG canvas".into()))?;
-    pixmap.fill(tiny_skia::Color::WHITE);
+    let [r, g, b] = background.0;
+    pixmap.fill(tiny_skia::Color::from_rgba8(r, g, b, 255));
     resvg::render(
         &tree,
         tiny_skia::Transform::from_scale(scale, scale),
         &mut pixmap.as_mut(),
     );
-    // Premultiplied RGBA over a white background is already opaque RGB.
+    // Premultiplied RGBA over an opaque background is already opaque RGB.
     let rgb: Vec<u8> = pixmap
         .data()
         .chunks_exact(4)
@@ -183,7 +651,10 @@ pub fn to_chw(img: &RgbImage, cfg: &ImageConfig) -> Vec<f32> {
 /// centre frame.
 pub fn load_rgb(source: &ImageSource, cfg: &ImageConfig) -> Result<RgbImage> {
     match source {
-        ImageSource::Path(p) => Ok(resize_center_crop(&decode(p)?, cfg.size)),
+        ImageSource::Path(p) => Ok(resize_center_crop(
+            &decode_over(p, cfg.background)?,
+            cfg.size,
+        )),
         ImageSource::Video(_) | ImageSource::SyntheticClip { .. } => {
             let mut frames = load_clip_frames(source, 1, SampleMode::Eval, cfg)?;
             Ok(frames.remove(0))
@@ -220,17 +691,18 @@ pub fn load_clip_frames(
         return Err(Error::Config("a clip needs at least one frame".into()));
     }
     let first = cfg.frame_sampling == FrameSampling::First;
+    // Transparent frames (GIF, WebP) take the configured background.
+    let opts = DecodeOptions {
+        background: cfg.background.0,
+        ..DecodeOptions::square(cfg.size as u32)
+    };
     match source {
         ImageSource::Video(path) if first => {
-            let opts = DecodeOptions::square(cfg.size as u32);
             // Counted first so that an empty video is named as such.
             count_frames(path, &opts)?;
             Ok(decode_frames(path, &vec![0; n], &opts)?)
         }
-        ImageSource::Video(path) => {
-            let opts = DecodeOptions::square(cfg.size as u32);
-            Ok(decode_sampled(path, n, mode, &opts)?.frames)
-        }
+        ImageSource::Video(path) => Ok(decode_sampled(path, n, mode, &opts)?.frames),
         ImageSource::SyntheticClip { clip, set } => {
             // Drawn at the model's size, so no frame is resampled.
             let set = SyntheticVideoConfig {

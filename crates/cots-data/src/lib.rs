@@ -5,8 +5,6 @@
 //!   share its id (the objectives treat them as positives of each other).
 //! - [`synthetic`]: the embedded, seeded dataset the demo trains on.
 //! - [`manifest`]: the JSONL manifest format users already have.
-//! - [`emoji`]: the multi-style emoji benchmark built from npm packages.
-//! - [`emoji_video`]: its animated twin, text-to-video on animated emoji.
 //! - [`image_io`]: decoding (PNG, JPEG, WebP, GIF, SVG) and transforms.
 //! - [`masking`]: MLM and blockwise patch masking, seeded.
 //! - [`loader`]: the bounded, prefetching, resumable batch loader.
@@ -14,8 +12,6 @@
 //!   sampling, MSR-VTT / JSONL video annotations, the synthetic order-sensitive
 //!   clip set.
 
-pub mod emoji;
-pub mod emoji_video;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_io;
@@ -48,6 +44,13 @@ pub enum Error {
     },
     #[error("{path}: cannot decode image: {message}")]
     Image { path: PathBuf, message: String },
+    /// An error about an item's image, with the manifest entry it came from.
+    #[error("{origin}: {source}")]
+    Entry {
+        origin: Origin,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("item {id} ({origin}): caption {index} is empty")]
     EmptyCaption {
         id: u32,
@@ -63,7 +66,7 @@ pub enum Error {
     #[error(transparent)]
     Video(#[from] video::Error),
     #[error(transparent)]
-    Encoders(#[from] cots_encoders::Error),
+    Text(#[from] cots_text::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -107,6 +110,20 @@ pub enum ImageSource {
     },
 }
 
+impl Item {
+    /// `err` about this item's image, naming the manifest entry when the
+    /// item came from one.
+    pub fn locate(&self, err: Error) -> Error {
+        match &self.origin {
+            Some(origin) => Error::Entry {
+                origin: origin.clone(),
+                source: Box::new(err),
+            },
+            None => err,
+        }
+    }
+}
+
 impl ImageSource {
     /// How errors and search results name this image.
     pub fn describe(&self) -> String {
@@ -136,6 +153,28 @@ pub struct Item {
     pub captions: Vec<String>,
     pub split: Split,
     pub category: Option<String>,
+    /// The manifest entry the item was read from, when it came from one.
+    pub origin: Option<Origin>,
+}
+
+/// Where a manifest item was read: the file, and the entry's line (JSONL)
+/// or position (a Karpathy file's `images[]`, which has no line per entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub manifest: PathBuf,
+    /// 1-based line of the entry, where the format has one entry a line.
+    pub line: Option<usize>,
+    /// 0-based position of the entry among the file's items.
+    pub index: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.manifest.display()),
+            None => write!(f, "{}: images[{}]", self.manifest.display(), self.index),
+        }
+    }
 }
 
 /// A list of items.
@@ -164,6 +203,7 @@ impl Dataset {
                     },
                     split,
                     category: None,
+                    origin: None,
                 });
             }
         }
@@ -194,6 +234,7 @@ impl Dataset {
                 captions: clip.captions.clone(),
                 split: clip.split.into(),
                 category: Some(clip.event.family().to_string()),
+                origin: None,
                 source: ImageSource::SyntheticClip {
                     clip: Box::new(clip.clone()),
                     set: cfg.clone(),
@@ -215,6 +256,7 @@ impl Dataset {
                 captions: r.captions.clone(),
                 split: r.split.into(),
                 category: None,
+                origin: None,
             })
             .collect();
         Self { items }

@@ -8,22 +8,31 @@
 //! batch in parallel. [`Loader::position`] names the next batch to be handed
 //! out; a loader built from a saved position hands out exactly the batches
 //! the uninterrupted run would have.
+//!
+//! Before the first batch, [`Loader::new`] probes every image file once
+//! ([`check_images`]: headers and dimensions, SVG budgets, in parallel), so
+//! a missing or corrupt file is found at load, named with its manifest line,
+//! rather than when its batch is drawn. Under [`SkipPolicy::Skip`] the
+//! files it refuses are left out of the order, and every unreadable file,
+//! refused up front or failing later, is reported exactly once.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
-use cots_encoders::tokenizer::TextTokenizer;
+use cots_text::TextTokenizer;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::image_io::{load_clip, load_rgb, random_resized_crop, to_chw, ImageConfig};
+use crate::image_io::{self, load_clip, load_rgb, random_resized_crop, to_chw, ImageConfig};
 use crate::video::SampleMode;
-use crate::{Dataset, Error, Result};
+use crate::{Dataset, Error, ImageSource, Result};
 
 /// Batch size, order and input shapes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +70,55 @@ pub enum SkipPolicy {
 pub struct Skipped {
     pub source: String,
     pub reason: String,
+}
+
+/// An image file [`check_images`] could not read.
+#[derive(Debug)]
+pub struct BadImage {
+    /// Every item that names the file, in dataset order.
+    pub items: Vec<usize>,
+    /// Why, naming the manifest entry of the first of `items` and the file.
+    pub error: Error,
+}
+
+/// Probes every image file of `data` once (several items may share a file)
+/// without decoding pixels: a raster file's header and dimensions, an SVG's
+/// budgets and structure ([`image_io::probe`]). Files are probed in
+/// parallel; `progress(done, total)` is called after each, from any thread.
+/// Videos and synthetic sources are not probed. Returns the unreadable
+/// files in dataset order.
+pub fn check_images(data: &Dataset, progress: &(dyn Fn(usize, usize) + Sync)) -> Vec<BadImage> {
+    let mut files: Vec<(&std::path::Path, Vec<usize>)> = Vec::new();
+    let mut index: std::collections::HashMap<&std::path::Path, usize> = Default::default();
+    for (i, item) in data.items.iter().enumerate() {
+        if let ImageSource::Path(p) = &item.source {
+            let k = *index.entry(p.as_path()).or_insert_with(|| {
+                files.push((p.as_path(), Vec::new()));
+                files.len() - 1
+            });
+            files[k].1.push(i);
+        }
+    }
+    let done = AtomicUsize::new(0);
+    let total = files.len();
+    let errors: Vec<Option<Error>> = files
+        .par_iter()
+        .map(|(path, _)| {
+            let result = image_io::probe(path).err();
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            result
+        })
+        .collect();
+    files
+        .into_iter()
+        .zip(errors)
+        .filter_map(|((_, items), error)| {
+            error.map(|e| BadImage {
+                error: data.items[items[0]].locate(e),
+                items,
+            })
+        })
+        .collect()
 }
 
 impl Default for LoaderConfig {
@@ -118,9 +176,12 @@ pub fn epoch_order(pairs: &[(usize, usize)], seed: u64, epoch: u64) -> Vec<(usiz
 /// Pixels of item `i` for slot `slot` of the order, with the configured
 /// crop; under [`SkipPolicy::Skip`] an unreadable item is replaced by the next
 /// readable one, and every item passed over is returned as a [`Skipped`].
+/// Items in `excluded` (refused by [`check_images`], and already reported)
+/// are passed over silently. Errors name the item's manifest entry.
 fn pixels_for(
     data: &Dataset,
     cfg: &LoaderConfig,
+    excluded: &HashSet<usize>,
     i: usize,
     position: LoaderPosition,
     slot: usize,
@@ -130,7 +191,11 @@ fn pixels_for(
     let mut skipped = Vec::new();
     for attempt in 0..n {
         let idx = (i + attempt) % n;
-        let source = &data.items[idx].source;
+        if excluded.contains(&idx) {
+            continue;
+        }
+        let item = &data.items[idx];
+        let source = &item.source;
         if let Some(frames) = cfg.image.frames {
             // A clip: TSN sampling seeded by the sample's place in the order.
             let mode = SampleMode::Train {
@@ -138,7 +203,7 @@ fn pixels_for(
                 epoch: position.epoch,
                 index: slot as u64,
             };
-            match load_clip(source, frames, mode, &cfg.image) {
+            match load_clip(source, frames, mode, &cfg.image).map_err(|e| item.locate(e)) {
                 Ok(pixels) => return Ok((idx, pixels, skipped)),
                 Err(e) if cfg.on_bad_input == SkipPolicy::Skip => {
                     skipped.push(Skipped {
@@ -172,7 +237,8 @@ fn pixels_for(
                 )
             }),
             (None, _) => load_rgb(source, &cfg.image),
-        };
+        }
+        .map_err(|e| item.locate(e));
         match rgb {
             Ok(img) => return Ok((idx, to_chw(&img, &cfg.image), skipped)),
             Err(e) if cfg.on_bad_input == SkipPolicy::Skip => {
@@ -198,11 +264,23 @@ pub fn make_batch(
     pairs: &[(usize, usize)],
     position: LoaderPosition,
 ) -> Result<Batch> {
+    make_batch_excluding(data, tokenizer, cfg, &HashSet::new(), pairs, position)
+}
+
+/// [`make_batch`], never substituting an item of `excluded`.
+fn make_batch_excluding(
+    data: &Dataset,
+    tokenizer: &TextTokenizer,
+    cfg: &LoaderConfig,
+    excluded: &HashSet<usize>,
+    pairs: &[(usize, usize)],
+    position: LoaderPosition,
+) -> Result<Batch> {
     let first_slot = position.batch as usize * cfg.batch_size;
     let loaded: Vec<(usize, Vec<f32>, Vec<Skipped>)> = pairs
         .par_iter()
         .enumerate()
-        .map(|(s, &(i, _))| pixels_for(data, cfg, i, position, first_slot + s))
+        .map(|(s, &(i, _))| pixels_for(data, cfg, excluded, i, position, first_slot + s))
         .collect::<Result<_>>()?;
     // In slot order, whatever order the threads finished in.
     let skipped: Vec<Skipped> = loaded.iter().flat_map(|l| l.2.clone()).collect();
@@ -245,6 +323,9 @@ pub fn make_batch(
 pub struct Loader {
     rx: Receiver<Result<Batch>>,
     skipped: Vec<Skipped>,
+    /// Sources already in `skipped`: a file is reported once however many
+    /// samples it spoils.
+    reported: HashSet<String>,
     next: LoaderPosition,
     batches_per_epoch: u64,
     _worker: JoinHandle<()>,
@@ -252,14 +333,49 @@ pub struct Loader {
 
 impl Loader {
     /// Starts loading at `start`; incomplete final batches are dropped.
+    /// Every image file is probed first ([`check_images`]): under
+    /// [`SkipPolicy::Fail`] the first unreadable one is an error naming its
+    /// manifest entry; under [`SkipPolicy::Skip`] their items leave the
+    /// order and each file is reported once in [`Self::skipped`].
     pub fn new(
         data: Arc<Dataset>,
         tokenizer: Arc<TextTokenizer>,
         cfg: LoaderConfig,
         start: LoaderPosition,
     ) -> Result<Self> {
+        Self::with_progress(data, tokenizer, cfg, start, &|_, _| {})
+    }
+
+    /// [`Self::new`], calling `progress(done, total)` as image files are
+    /// probed (for a progress bar on large manifests).
+    pub fn with_progress(
+        data: Arc<Dataset>,
+        tokenizer: Arc<TextTokenizer>,
+        cfg: LoaderConfig,
+        start: LoaderPosition,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Self> {
         data.validate()?;
-        let pairs = data.pairs();
+        let mut bad = check_images(&data, progress);
+        let mut skipped = Vec::new();
+        let mut reported = HashSet::new();
+        let mut excluded = HashSet::new();
+        if !bad.is_empty() {
+            if cfg.on_bad_input == SkipPolicy::Fail {
+                return Err(bad.swap_remove(0).error);
+            }
+            for b in bad {
+                let source = data.items[b.items[0]].source.describe();
+                reported.insert(source.clone());
+                skipped.push(Skipped {
+                    source,
+                    reason: b.error.to_string(),
+                });
+                excluded.extend(b.items);
+            }
+        }
+        let mut pairs = data.pairs();
+        pairs.retain(|(i, _)| !excluded.contains(i));
         let batches_per_epoch = (pairs.len() / cfg.batch_size.max(1)) as u64;
         if batches_per_epoch == 0 {
             return Err(Error::Manifest {
@@ -279,10 +395,11 @@ impl Loader {
                 let order = epoch_order(&pairs, cfg.seed, pos.epoch);
                 while pos.batch < batches_per_epoch {
                     let b0 = (pos.batch as usize) * cfg.batch_size;
-                    let batch = make_batch(
+                    let batch = make_batch_excluding(
                         &data,
                         &tokenizer,
                         &cfg,
+                        &excluded,
                         &order[b0..b0 + cfg.batch_size],
                         pos,
                     );
@@ -301,7 +418,8 @@ impl Loader {
         });
         Ok(Self {
             rx,
-            skipped: Vec::new(),
+            skipped,
+            reported,
             next: start,
             batches_per_epoch,
             _worker: worker,
@@ -311,7 +429,11 @@ impl Loader {
     /// The next batch, in order.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let batch = self.rx.recv().map_err(|_| Error::WorkerGone)??;
-        self.skipped.extend(batch.skipped.iter().cloned());
+        for s in &batch.skipped {
+            if self.reported.insert(s.source.clone()) {
+                self.skipped.push(s.clone());
+            }
+        }
         self.next = if batch.position.batch + 1 < self.batches_per_epoch {
             LoaderPosition {
                 epoch: batch.position.epoch,
@@ -335,8 +457,10 @@ impl Loader {
         self.batches_per_epoch
     }
 
-    /// Every sample replaced under [`SkipPolicy::Skip`] in the batches
-    /// handed out so far (not those the worker has prefetched).
+    /// Every unreadable image file under [`SkipPolicy::Skip`], once each:
+    /// those [`check_images`] refused at the start, then those that failed
+    /// to decode in the batches handed out so far (not those the worker has
+    /// prefetched), in the order they were first met.
     pub fn skipped(&self) -> Vec<Skipped> {
         self.skipped.clone()
     }
@@ -413,17 +537,20 @@ mod tests {
                     captions: vec!["a red circle".into()],
                     split: Split::Train,
                     category: None,
+                    origin: None,
                 })
                 .collect(),
         };
-        let mut l = Loader::new(
+        // Found at load, before any batch is drawn.
+        let e = Loader::new(
             Arc::new(data.clone()),
             tok.clone(),
             cfg.clone(),
             LoaderPosition::default(),
         )
-        .unwrap();
-        let e = l.next_batch().unwrap_err().to_string();
+        .err()
+        .expect("a corrupt image fails the loader")
+        .to_string();
         assert!(e.contains("broken.png"), "{e}");
 
         // Under the skip policy a bad item is replaced by the next good one and reported.
@@ -434,8 +561,10 @@ mod tests {
             it.source = crate::ImageSource::Path(good.clone());
             it.captions = vec!["a good image".into()];
         }
+        // The bad items leave the order, so four pairs remain for a batch.
         let skip = LoaderConfig {
             on_bad_input: SkipPolicy::Skip,
+            batch_size: 4,
             ..cfg
         };
         let mut l = Loader::new(Arc::new(mixed), tok, skip, LoaderPosition::default()).unwrap();
@@ -445,8 +574,9 @@ mod tests {
             "{:?}",
             b.captions
         );
+        // One bad file shared by four items is one skip.
         let skipped = l.skipped();
-        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(skipped.iter().all(|s| s.source.contains("broken.png")));
     }
 }

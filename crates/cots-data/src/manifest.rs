@@ -2,19 +2,82 @@
 //!
 //! - JSONL manifests: one `{"image": path, "captions": [...], "split": ...,
 //!   "id": ..., "category": ...}` per line; `split` defaults to train, `id` to
-//!   the line's position.
+//!   the item's position.
 //! - Karpathy split JSON (COCO, Flickr30K): `images[]` with `filepath`
-//!   (optional), `filename`, `split` (`restval` counts as train) and
-//!   `sentences[].raw`.
+//!   (optional), `filename`, `split` (`restval` counts as train),
+//!   `sentences[].raw` and an optional `id` (default: the image's position).
 //!
-//! Relative image paths resolve against `root`. Errors name the file and the
-//! line (JSONL) or the image's position (Karpathy); counts are never assumed.
+//! An `id` is a number or a string (`"id": 12`, `"id": "abc"`), as in video
+//! manifests; entries with equal ids are one image whose captions are
+//! positives of each other. Numbers are kept; each distinct string gets a
+//! number above every numeric and positional id of the file, in order of
+//! first appearance.
+//!
+//! Relative image paths resolve against `root`. Every item records where it
+//! was read ([`crate::Origin`]: the line of a JSONL manifest, the image's
+//! position in a Karpathy file), so that a later error about its image can
+//! name the manifest entry. Errors name the file and the line (JSONL) or the
+//! image's position (Karpathy); counts are never assumed.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::{Dataset, Error, ImageSource, Item, Result, Split};
+use crate::{Dataset, Error, ImageSource, Item, Origin, Result, Split};
+
+/// An item id as written: a number or a string.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum RawId {
+    Number(u32),
+    Text(String),
+}
+
+/// The numeric ids of entries with ids `raw` (`None`: the entry's
+/// position), following the rule of the module doc. Errors give the
+/// entry's position and a message.
+fn assign_ids(raw: &[Option<RawId>]) -> std::result::Result<Vec<u32>, (usize, String)> {
+    let mut next = raw
+        .iter()
+        .enumerate()
+        .map(|(i, id)| match id {
+            Some(RawId::Number(n)) => u64::from(*n) + 1,
+            Some(RawId::Text(_)) => 0,
+            None => i as u64 + 1,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut strings: HashMap<&str, u32> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, id) in raw.iter().enumerate() {
+        out.push(match id {
+            Some(RawId::Number(n)) => *n,
+            None => u32::try_from(i).map_err(|_| (i, "too many entries".to_string()))?,
+            Some(RawId::Text(t)) if t.trim().is_empty() => {
+                return Err((i, "the id is an empty string".into()))
+            }
+            Some(RawId::Text(t)) => match strings.get(t.as_str()) {
+                Some(&n) => n,
+                None => {
+                    let n = u32::try_from(next).map_err(|_| {
+                        (
+                            i,
+                            format!(
+                                "no number is left for the string id `{t}` after id {}",
+                                next - 1
+                            ),
+                        )
+                    })?;
+                    next += 1;
+                    strings.insert(t, n);
+                    n
+                }
+            },
+        });
+    }
+    Ok(out)
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,7 +87,7 @@ struct Line {
     #[serde(default)]
     split: Option<String>,
     #[serde(default)]
-    id: Option<u32>,
+    id: Option<RawId>,
     #[serde(default)]
     category: Option<String>,
 }
@@ -52,6 +115,7 @@ pub fn load_jsonl(path: &Path, root: &Path) -> Result<Dataset> {
 /// Parses JSONL text; `path` names it in errors.
 pub fn parse_jsonl(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
     let mut items = Vec::new();
+    let mut ids = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let line_no = n + 1;
         let err = |message: String| Error::Manifest {
@@ -70,13 +134,27 @@ pub fn parse_jsonl(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
             return Err(err(format!("caption {i} is empty")));
         }
         let split = parse_split(line.split.as_deref()).map_err(err)?;
+        ids.push(line.id);
         items.push(Item {
-            id: line.id.unwrap_or(items.len() as u32),
+            id: 0,
             source: ImageSource::Path(root.join(&line.image)),
             captions: line.captions,
             split,
             category: line.category,
+            origin: Some(Origin {
+                manifest: path.to_path_buf(),
+                line: Some(line_no),
+                index: items.len(),
+            }),
         });
+    }
+    let ids = assign_ids(&ids).map_err(|(i, message)| Error::Manifest {
+        path: path.to_path_buf(),
+        line: items[i].origin.as_ref().and_then(|o| o.line).unwrap_or(0),
+        message,
+    })?;
+    for (item, id) in items.iter_mut().zip(ids) {
+        item.id = id;
     }
     Ok(Dataset { items })
 }
@@ -90,6 +168,8 @@ struct KarpathyFile {
 struct KarpathyImage {
     #[serde(default)]
     filepath: Option<String>,
+    #[serde(default)]
+    id: Option<RawId>,
     filename: String,
     split: String,
     sentences: Vec<KarpathySentence>,
@@ -117,6 +197,7 @@ pub fn parse_karpathy(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
         message: e.to_string(),
     })?;
     let mut items = Vec::with_capacity(file.images.len());
+    let mut ids = Vec::with_capacity(file.images.len());
     for (i, img) in file.images.into_iter().enumerate() {
         let err = |message: String| Error::Manifest {
             path: path.to_path_buf(),
@@ -139,13 +220,27 @@ pub fn parse_karpathy(text: &str, path: &Path, root: &Path) -> Result<Dataset> {
             Some(dir) => Path::new(dir).join(&img.filename),
             None => Path::new(&img.filename).to_path_buf(),
         };
+        ids.push(img.id);
         items.push(Item {
-            id: i as u32,
+            id: 0,
             source: ImageSource::Path(root.join(rel)),
             captions,
             split,
             category: None,
+            origin: Some(Origin {
+                manifest: path.to_path_buf(),
+                line: None,
+                index: i,
+            }),
         });
+    }
+    let ids = assign_ids(&ids).map_err(|(i, message)| Error::Manifest {
+        path: path.to_path_buf(),
+        line: 0,
+        message: format!("images[{i}]: {message}"),
+    })?;
+    for (item, id) in items.iter_mut().zip(ids) {
+        item.id = id;
     }
     Ok(Dataset { items })
 }

@@ -5,7 +5,7 @@
 //! patches. Both draw from the generator they are given, so a seeded run
 //! masks the same positions every time.
 
-use cots_encoders::tokenizer::SpecialTokens;
+use cots_text::SpecialTokens;
 use rand::Rng;
 
 /// Label of a position that is not predicted (PyTorch's ignore index).

@@ -55,7 +55,14 @@ fn every_seed_passes_its_check() {
 #[test]
 fn every_crash_regression_passes_its_check() {
     for &(name, check) in TARGETS {
-        replay(name, check, &fuzz_dir().join("regressions").join(name));
+        let dir = fuzz_dir().join("regressions").join(name);
+        // A missing folder must not pass as "nothing to replay".
+        assert!(dir.is_dir(), "{} does not exist", dir.display());
+        let n = replay(name, check, &dir);
+        assert!(
+            n >= 3,
+            "fuzz/regressions/{name} holds {n} inputs, want the hostile set"
+        );
     }
 }
 

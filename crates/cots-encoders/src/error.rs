@@ -24,8 +24,8 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    #[error(transparent)]
+    Text(#[from] cots_text::Error),
     #[error("invalid config: {0}")]
     Config(String),
     #[error("variable `{name}`: {message}")]

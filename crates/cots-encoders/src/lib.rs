@@ -22,7 +22,6 @@ mod error;
 mod files;
 pub mod momentum;
 pub mod temporal;
-pub mod tokenizer;
 pub mod torch_file;
 pub mod two_stream;
 pub mod vit;

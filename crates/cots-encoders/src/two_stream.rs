@@ -114,6 +114,38 @@ pub struct Config {
     pub temporal: Option<temporal::Config>,
 }
 
+/// The named sizes of a two-stream model (`model.preset` in a run config).
+/// Deserialising an unknown name is an error listing these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    Tiny,
+    Small,
+    Base,
+}
+
+impl Preset {
+    /// The preset's config; `vocab_size` sizes the text embedding table of
+    /// `tiny` and `small` (`base` keeps BERT-base's 30,522 pieces).
+    pub fn config(self, vocab_size: usize) -> Config {
+        match self {
+            Self::Tiny => Config::tiny(vocab_size),
+            Self::Small => Config::small(vocab_size),
+            Self::Base => Config::base(),
+        }
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tiny => "tiny",
+            Self::Small => "small",
+            Self::Base => "base",
+        })
+    }
+}
+
 impl Config {
     /// Tiny towers for tests (32 px images, 64-wide, 2 layers, embed 32).
     pub fn tiny(vocab_size: usize) -> Self {

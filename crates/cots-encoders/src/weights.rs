@@ -15,8 +15,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::bert;
-use crate::tokenizer::TextTokenizer;
 use crate::{Error, Result};
+use cots_text::TextTokenizer;
 
 /// What a load did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

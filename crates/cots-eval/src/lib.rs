@@ -13,6 +13,10 @@
 //! Ties are broken deterministically: among equal scores the lower gallery
 //! index ranks first, so the rank of the true item is
 //! `1 + #{score > s} + #{score == s and index < true index}`.
+//!
+//! A NaN or infinite embedding or score is an error naming its row or pair:
+//! every comparison with NaN is false, so the rule above would rank a NaN
+//! first and count it as a hit.
 
 use std::fmt;
 
@@ -37,6 +41,19 @@ pub enum Error {
     Shape(String),
     #[error("pair scorer: {0}")]
     Scorer(String),
+    #[error("{what} row {row} is not finite (value {value} in column {column})")]
+    NonFiniteEmbedding {
+        what: &'static str,
+        row: usize,
+        column: usize,
+        value: f32,
+    },
+    #[error("the score of image {image} and caption {caption} is not finite ({value})")]
+    NonFiniteScore {
+        image: usize,
+        caption: usize,
+        value: f32,
+    },
 }
 
 /// The result type of this crate.
@@ -320,6 +337,16 @@ impl EmbeddingScorer {
     /// # Shapes
     /// - `images`: `[N, D]`; `texts`: `[M, D]`.
     pub fn new(images: &Tensor, texts: &Tensor) -> Result<Self> {
+        Self::named(images, "image embedding", texts, "text embedding")
+    }
+
+    /// [`Self::new`], naming the two sides in errors (`"query"`, `"gallery"`).
+    fn named(
+        images: &Tensor,
+        image_what: &'static str,
+        texts: &Tensor,
+        text_what: &'static str,
+    ) -> Result<Self> {
         let (_, d1) = images.dims2()?;
         let (_, d2) = texts.dims2()?;
         if d1 != d2 {
@@ -327,10 +354,44 @@ impl EmbeddingScorer {
                 "image embeddings are {d1}-dimensional but text embeddings are {d2}-dimensional"
             )));
         }
-        Ok(Self {
-            images: images.to_dtype(DType::F32)?.contiguous()?,
-            texts: texts.to_dtype(DType::F32)?.contiguous()?,
-        })
+        let images = images.to_dtype(DType::F32)?.contiguous()?;
+        let texts = texts.to_dtype(DType::F32)?.contiguous()?;
+        check_finite(&images, image_what)?;
+        check_finite(&texts, text_what)?;
+        Ok(Self { images, texts })
+    }
+}
+
+/// Fails on the first non-finite value of a `[N, D]` f32 matrix, naming its
+/// row.
+fn check_finite(m: &Tensor, what: &'static str) -> Result<()> {
+    // `x - x` is 0 for a finite x and NaN otherwise, so a row sums to a
+    // finite value exactly when all of it is finite; only one value per
+    // row leaves the device.
+    let per_row = m.sub(m)?.sum(1)?.to_vec1::<f32>()?;
+    let Some(row) = per_row.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let values = m.get(row)?.to_vec1::<f32>()?;
+    let column = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(Error::NonFiniteEmbedding {
+        what,
+        row,
+        column,
+        value: values.get(column).copied().unwrap_or(f32::NAN),
+    })
+}
+
+/// Fails on the first non-finite score of a row-major block whose rows are
+/// images `i0..` and columns captions `j0..`.
+fn check_scores(scores: &[f32], cols: usize, i0: usize, j0: usize) -> Result<()> {
+    match scores.iter().position(|v| !v.is_finite()) {
+        Some(k) => Err(Error::NonFiniteScore {
+            image: i0 + k / cols.max(1),
+            caption: j0 + k % cols.max(1),
+            value: scores[k],
+        }),
+        None => Ok(()),
     }
 }
 
@@ -462,6 +523,7 @@ pub fn evaluate_scorer(
         .map(|&r0| -> Result<Vec<usize>> {
             let rows = block.min(n - r0);
             let scores = scorer.score_block(r0..r0 + rows, 0..m)?;
+            check_scores(&scores, m, r0, 0)?;
             Ok((0..rows)
                 .map(|r| {
                     let row = &scores[r * m..(r + 1) * m];
@@ -483,6 +545,7 @@ pub fn evaluate_scorer(
         .map(|&c0| -> Result<Vec<usize>> {
             let cols = block.min(m - c0);
             let scores = scorer.score_block(0..n, c0..c0 + cols)?;
+            check_scores(&scores, cols, 0, c0)?;
             Ok((0..cols)
                 .map(|c| {
                     let column: Vec<f32> = (0..n).map(|i| scores[i * cols + c]).collect();
@@ -573,7 +636,7 @@ pub fn dual_softmax(
 /// - `queries`: `[Q, D]`, `gallery`: `[N, D]`; returns `Q` lists of
 ///   `(gallery index, score)`.
 pub fn top_k(queries: &Tensor, gallery: &Tensor, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
-    let scorer = EmbeddingScorer::new(gallery, queries)?;
+    let scorer = EmbeddingScorer::named(gallery, "gallery embedding", queries, "query embedding")?;
     let (n, q) = (scorer.n_images(), scorer.n_texts());
     let block = 256;
     let starts: Vec<usize> = (0..q).step_by(block).collect();
@@ -620,7 +683,7 @@ pub fn map_at_r(
     gallery: &Tensor,
     gallery_labels: &[u32],
 ) -> Result<f64> {
-    let scorer = EmbeddingScorer::new(gallery, queries)?;
+    let scorer = EmbeddingScorer::named(gallery, "gallery embedding", queries, "query embedding")?;
     let (n, q) = (scorer.n_images(), scorer.n_texts());
     if query_labels.len() != q || gallery_labels.len() != n {
         return Err(Error::Shape(format!(
@@ -984,5 +1047,44 @@ mod tests {
             let have: Vec<usize> = list.iter().map(|x| x.0).collect();
             assert_eq!(have, want);
         }
+    }
+
+    /// One NaN image row: before the check every comparison with it was
+    /// false, so on this case (image 0 NaN, image 1 matching caption 1)
+    /// every query ranked its target first and all recalls were 100.
+    #[test]
+    fn a_nan_embedding_row_is_an_error_naming_it() {
+        let img = tensor(&[vec![f32::NAN, 0.0], vec![1.0, 0.0]]);
+        let txt = tensor(&[vec![0.0, 1.0], vec![1.0, 0.0]]);
+        let e = evaluate_embeddings(&img, &txt, &[0, 1], &EvalOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image embedding row 0"), "{e}");
+        // The same on the text side, and in search, with the row named.
+        let txt = tensor(&[vec![0.0, 1.0], vec![1.0, f32::INFINITY]]);
+        let img = tensor(&[vec![0.0, 1.0], vec![1.0, 0.0]]);
+        let e = evaluate_embeddings(&img, &txt, &[0, 1], &EvalOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text embedding row 1"), "{e}");
+        let e = top_k(&txt, &img, 1).unwrap_err().to_string();
+        assert!(e.contains("query embedding row 1"), "{e}");
+        let e = hard_negative_accuracy(&img, &txt, &[0, 1], &[1, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text embedding row 1"), "{e}");
+    }
+
+    /// A pair scorer that answers NaN (a cross-encoder gone wrong) is named
+    /// by the pair, in both directions of the evaluation.
+    #[test]
+    fn a_nan_score_is_an_error_naming_the_pair() {
+        let mut scores = vec![0.5f32; 3 * 4];
+        scores[4 + 2] = f32::NAN;
+        let scorer = MatrixScorer::new(scores, 3, 4).unwrap();
+        let e = evaluate_scorer(&scorer, &[0, 1, 2, 2], &EvalOptions::default(), "image")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image 1 and caption 2"), "{e}");
     }
 }

@@ -11,7 +11,6 @@
 use std::path::Path;
 use std::sync::{Condvar, Mutex, RwLock};
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use usearch::{IndexOptions, MetricKind, ScalarKind};
 
@@ -108,7 +107,15 @@ fn path_str(path: &Path) -> Result<&str> {
 }
 
 impl Graph {
-    /// Inserts every row (in parallel) under its key.
+    /// Inserts every row under its key, one at a time in row order.
+    ///
+    /// Sequential on purpose: usearch draws each point's level from a
+    /// generator per thread context (seeded by the context's number) and
+    /// links it to whatever is already in the graph, so parallel insertion
+    /// makes the graph depend on thread timing. One thread, one context and
+    /// a fixed order make two builds of the same rows with the same
+    /// parameters byte-identical (docs/index-format.md, "Reproducible
+    /// graphs"), at the cost of using one core while building.
     pub fn build(
         parts: &[Rows<'_>],
         keys: &[u64],
@@ -127,14 +134,14 @@ impl Graph {
         };
         let index = usearch::Index::new(&opts).map_err(|e| ann_err(dir, e))?;
         index
-            .reserve_capacity_and_threads(keys.len().max(1), rayon::current_num_threads())
+            .reserve_capacity_and_threads(keys.len().max(1), 1)
             .map_err(|e| ann_err(dir, e))?;
         for p in parts {
-            p.vectors
-                .par_chunks(dim)
-                .enumerate()
-                .try_for_each(|(i, v)| index.add(keys[p.first_row + i], v))
-                .map_err(|e| ann_err(dir, e))?;
+            for (i, v) in p.vectors.chunks(dim).enumerate() {
+                index
+                    .add(keys[p.first_row + i], v)
+                    .map_err(|e| ann_err(dir, e))?;
+            }
         }
         Ok(Graph {
             index,

@@ -112,6 +112,11 @@ struct Meta {
     thumbs: Vec<Option<ThumbRef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     thumbs_file: Option<String>,
+    /// The size, in pixels, the caller made every thumbnail at (the longer
+    /// side), recorded so that a later build or add does not mix sizes.
+    /// Absent in indexes written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    thumb_size: Option<u32>,
     /// The rows, in order, as safetensors files.
     segments: Vec<SegmentMeta>,
     /// Every segment has int8 codes, and added rows get them too.
@@ -149,6 +154,8 @@ pub struct IndexInfo {
     pub int8_bytes: Option<u64>,
     pub thumbnails: usize,
     pub thumbnail_bytes: u64,
+    /// The recorded thumbnail size in pixels ([`Index::thumb_size`]).
+    pub thumb_size: Option<u32>,
     pub ann: Option<AnnInfo>,
     /// Items per `kind`.
     pub kinds: std::collections::BTreeMap<String, usize>,
@@ -196,9 +203,13 @@ impl fmt::Display for IndexInfo {
             Some(b) => writeln!(f, "int8        {:.1} MiB", mib(b))?,
             None => writeln!(f, "int8        none")?,
         }
+        let px = self
+            .thumb_size
+            .map(|p| format!(", {p} px"))
+            .unwrap_or_default();
         writeln!(
             f,
-            "thumbnails  {} ({:.1} MiB)",
+            "thumbnails  {} ({:.1} MiB{px})",
             self.thumbnails,
             mib(self.thumbnail_bytes)
         )?;
@@ -264,6 +275,7 @@ impl Index {
             keys: Vec::new(),
             thumbs: Vec::new(),
             thumbs_file: None,
+            thumb_size: None,
             segments: Vec::new(),
             quantized: false,
             ann: None,
@@ -463,6 +475,21 @@ impl Index {
     pub fn set_root(&mut self, root: Option<&Path>) -> Result<()> {
         let mut next = self.meta.clone();
         next.root = root.map(|r| r.to_string_lossy().into_owned());
+        self.commit(next)
+    }
+
+    /// The size, in pixels, the thumbnails were made at, as recorded by
+    /// [`Index::set_thumb_size`]; `None` when never recorded.
+    pub fn thumb_size(&self) -> Option<u32> {
+        self.meta.thumb_size
+    }
+
+    /// Records the size the caller makes thumbnails at (committed). The index
+    /// stores thumbnails as opaque bytes; callers compare this before adding
+    /// more, so that one index never holds two sizes.
+    pub fn set_thumb_size(&mut self, px: Option<u32>) -> Result<()> {
+        let mut next = self.meta.clone();
+        next.thumb_size = px;
         self.commit(next)
     }
 
@@ -923,6 +950,7 @@ impl Index {
             }),
             thumbnails: self.meta.thumbs.iter().flatten().count(),
             thumbnail_bytes: self.meta.thumbs.iter().flatten().map(|r| r.len).sum(),
+            thumb_size: self.meta.thumb_size,
             ann: self.meta.ann.as_ref().map(|a| AnnInfo {
                 params: a.params.clone(),
                 points: a.points,

@@ -218,6 +218,21 @@ pub enum Mode {
     Quantized { shortlist: usize },
 }
 
+/// A phrase for people (`cots index search` prints it above the results).
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Exact => write!(f, "exact search"),
+            Mode::Approximate { ef } => {
+                write!(f, "approximate search, HNSW graph keeping {ef} candidates")
+            }
+            Mode::Quantized { shortlist } => {
+                write!(f, "int8 scan for {shortlist} candidates, re-ranked exactly")
+            }
+        }
+    }
+}
+
 /// Options of one search.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SearchOptions {

@@ -749,3 +749,76 @@ fn many_threads_can_search_the_graph_at_once() {
         }
     });
 }
+
+#[test]
+fn two_builds_of_one_graph_are_identical() {
+    // Several segments (two adds) and a removal: the build's order must be
+    // fixed by the rows, not by how they were added or by thread timing.
+    let dim = 16;
+    let n = 3000;
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let vectors = clustered(&mut rng, n, dim, 30, 1.0);
+    let queries = clustered(&mut rng, 50, dim, 30, 1.0);
+    let build_once = |dir: &Path| -> (Vec<u8>, Vec<Vec<Hit>>) {
+        let mut index = Index::create(dir, model(dim)).unwrap();
+        let items: Vec<Item> = (0..n).map(|i| item(&format!("g{i}"), "test")).collect();
+        let half = n / 2;
+        index
+            .add(
+                items[..half].to_vec(),
+                &vectors[..half * dim],
+                vec![None; half],
+            )
+            .unwrap();
+        index
+            .add(
+                items[half..].to_vec(),
+                &vectors[half * dim..],
+                vec![None; n - half],
+            )
+            .unwrap();
+        index.remove(&["g7".to_string()]).unwrap();
+        index.build_ann(AnnParams::default()).unwrap();
+        let graph = std::fs::read(file_like(dir, "ann.", ".usearch")).unwrap();
+        let opts = SearchOptions {
+            mode: Mode::Approximate { ef: 16 },
+            ..SearchOptions::default()
+        };
+        let hits = queries
+            .chunks(dim)
+            .map(|q| index.search(q, 10, &opts).unwrap())
+            .collect();
+        (graph, hits)
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (graph_a, hits_a) = build_once(a.path());
+    let (graph_b, hits_b) = build_once(b.path());
+    assert!(graph_a == graph_b, "the two graph files differ");
+    assert_eq!(hits_a, hits_b);
+}
+
+#[test]
+fn the_thumbnail_size_is_recorded_and_survives_reopening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut index = Index::create(tmp.path(), model(4)).unwrap();
+    assert_eq!(index.thumb_size(), None);
+    index.set_thumb_size(Some(128)).unwrap();
+    drop(index);
+    let index = Index::open(tmp.path()).unwrap();
+    assert_eq!(index.thumb_size(), Some(128));
+    assert_eq!(index.info().thumb_size, Some(128));
+    assert!(index.info().to_string().contains("128 px"));
+}
+
+#[test]
+fn search_modes_read_as_phrases() {
+    assert_eq!(Mode::Exact.to_string(), "exact search");
+    assert_eq!(
+        Mode::Approximate { ef: 128 }.to_string(),
+        "approximate search, HNSW graph keeping 128 candidates"
+    );
+    assert_eq!(
+        Mode::Quantized { shortlist: 50 }.to_string(),
+        "int8 scan for 50 candidates, re-ranked exactly"
+    );
+}

@@ -67,18 +67,13 @@ pub struct LockstepQueue {
     ptr: usize,
 }
 
-/// Unit vectors from a seeded generator (Box-Muller normals, then L2-normalised).
+/// Unit vectors from a seeded generator (standard normals, then L2-normalised).
 fn random_unit_rows(rows: usize, dim: usize, seed: u64) -> Vec<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(rows * dim);
     for _ in 0..rows {
         let row: Vec<f64> = (0..dim)
-            .map(|_| {
-                // Box-Muller: u1 in (0, 1] keeps the logarithm finite.
-                let u1: f64 = 1.0 - rng.random::<f64>();
-                let u2: f64 = rng.random::<f64>();
-                (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            })
+            .map(|_| rng.sample::<f64, _>(rand_distr::StandardNormal))
             .collect();
         let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
         out.extend(row.into_iter().map(|v| v / norm));

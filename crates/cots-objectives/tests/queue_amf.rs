@@ -131,8 +131,7 @@ fn queue_rejects_batches_that_do_not_divide_it() {
 }
 
 fn gaussian(r: &mut impl Rng) -> f64 {
-    let (u1, u2): (f64, f64) = (1.0 - r.random::<f64>(), r.random());
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    r.sample(rand_distr::StandardNormal)
 }
 
 fn gaussian_unit(r: &mut impl Rng, e: usize) -> Vec<f64> {

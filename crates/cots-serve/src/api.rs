@@ -3,19 +3,21 @@
 //! Handlers validate first (400/404/413 with a message that says what to
 //! change), then hand the model and the index to blocking threads. Files are
 //! served by id only: the id is looked up in the index and the path comes
-//! from the index, so no request string ever reaches the filesystem.
+//! from the index, so no request string ever reaches the filesystem; and the
+//! file that path opens must still lie in the gallery once every link on
+//! the way is followed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Cursor;
 use std::path::{Component, Path, PathBuf};
-use std::sync::PoisonError;
-use std::time::Instant;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Multipart, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
 use crate::batch::{self, panic_message};
-use crate::{AppState, Error, TextPath, OPENAPI};
+use crate::{AppState, Error, Limits, Metrics, TextPath, OPENAPI};
 
 /// The API routes (all behind the token when there is one).
 pub(crate) fn routes(state: &AppState) -> Router<AppState> {
@@ -116,13 +118,102 @@ fn join_error(e: tokio::task::JoinError) -> ApiError {
     }
 }
 
-fn json_rejection(e: JsonRejection) -> ApiError {
-    let status = match e.status() {
-        // A body of the wrong shape (a missing field, a negative k) is a bad request.
-        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-        s => s,
+/// A duration in milliseconds, rounded to 0.01 ms: finer digits are clock
+/// noise, and a rounded value prints as few digits in JSON.
+pub(crate) fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 1e2
+}
+
+/// Whether a `Content-Type` names JSON (`application/json` or
+/// `application/*+json`, parameters aside), as axum's `Json` wants it.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
     };
-    ApiError::new(status, e.body_text())
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Any JSON value, read only to find an object that repeats a key: serde
+/// (into a map or a `Value`) keeps the last of them silently, so a body
+/// such as `{"k": 1, "k": 100}` would mean whatever the last one says.
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{key}` (send each key once)"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+            seen.insert(key);
+        }
+        Ok(NoDuplicateKeys)
+    }
+}
+
+/// Refuses JSON text in which an object repeats a key, naming the key and
+/// the object it is in (`what` says which part of the request it is).
+fn reject_duplicate_keys(json: &[u8], what: &str) -> Result<(), ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize::<_, NoDuplicateKeys>(&mut de)
+        .map(|_| ())
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            ApiError::bad_request(if path == "." {
+                format!("{what}: {inner}")
+            } else {
+                format!("{what}: in {path}: {inner}")
+            })
+        })
 }
 
 /// Characters an id keeps in a URL path segment; everything else
@@ -185,7 +276,8 @@ pub(crate) fn hits_json(index: &cots_index::Index, hits: Vec<cots_index::Hit>) -
 #[derive(Serialize)]
 struct SearchResponse {
     hits: Vec<HitJson>,
-    /// Server time from the request to the answer.
+    /// Server time from the request to the answer, in milliseconds rounded
+    /// to 0.01 ([`millis`]), as are the two below.
     took_ms: f64,
     /// Of which: waiting for and running the encoder.
     encode_ms: f64,
@@ -226,6 +318,19 @@ impl AppState {
         approximate: bool,
         k: usize,
     ) -> Result<SearchOptions, ApiError> {
+        // A key no item has matches nothing: refuse it rather than answer
+        // an empty list that looks like a search that found nothing.
+        if let Some(key) = filter.keys().find(|k| !self.0.filters.contains_key(*k)) {
+            let known: Vec<&str> = self.0.filters.keys().map(String::as_str).collect();
+            return Err(ApiError::bad_request(if known.is_empty() {
+                format!("unknown filter key `{key}`: the items of this index have no metadata to filter on")
+            } else {
+                format!(
+                    "unknown filter key `{key}`; the accepted keys are: {}",
+                    known.join(", ")
+                )
+            }));
+        }
         let mode = if approximate {
             let index = self.0.index.read().unwrap_or_else(PoisonError::into_inner);
             let params = index.ann_params().ok_or_else(|| {
@@ -247,23 +352,40 @@ impl AppState {
         })
     }
 
-    /// The query's vector from one encoder call of its own (without
-    /// batching).
-    async fn embed_text(&self, text: String) -> Result<Vec<f32>, ApiError> {
-        let _permit = self
+    /// Runs `work` on the blocking pool once a permit is free. The permit
+    /// moves into the blocking closure, so it is held until `work` ends
+    /// even if the request is dropped first (its client went away): the
+    /// work already started still holds its memory until then, and later
+    /// requests must wait for it.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self
             .0
             .blocking
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(ApiError::internal)?;
-        let (encoder, metrics) = (self.0.encoder.clone(), self.0.metrics.clone());
+        let slot = Slot::new(permit, self.0.metrics.clone());
         tokio::task::spawn_blocking(move || {
-            metrics.observe_batch(1);
-            encoder.embed_texts(&[text])
+            let _slot = slot;
+            work()
         })
         .await
         .map_err(join_error)?
-        .map_err(ApiError::from)
+    }
+
+    /// The query's vector from one encoder call of its own (without
+    /// batching).
+    async fn embed_text(&self, text: String) -> Result<Vec<f32>, ApiError> {
+        let (encoder, metrics) = (self.0.encoder.clone(), self.0.metrics.clone());
+        self.blocking(move || {
+            metrics.observe_batch(1);
+            encoder.embed_texts(&[text]).map_err(ApiError::from)
+        })
+        .await
     }
 
     /// The best `k` items for `query`, searched on a blocking thread.
@@ -273,20 +395,13 @@ impl AppState {
         k: usize,
         opts: SearchOptions,
     ) -> Result<Vec<HitJson>, ApiError> {
-        let _permit = self
-            .0
-            .blocking
-            .acquire()
-            .await
-            .map_err(ApiError::internal)?;
         let index = self.0.index.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move || {
             let index = index.read().unwrap_or_else(PoisonError::into_inner);
             let hits = index.search(&query, k, &opts).map_err(Error::Index)?;
             Ok(hits_json(&index, hits))
         })
         .await
-        .map_err(join_error)?
     }
 
     /// Searches with an encoded query (or passes its error on) and times
@@ -302,12 +417,11 @@ impl AppState {
         let encoded = Instant::now();
         let hits = self.search(query, k, opts).await?;
         let done = Instant::now();
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         Ok(Json(SearchResponse {
             hits,
-            took_ms: ms(done - start),
-            encode_ms: ms(encoded - start),
-            search_ms: ms(done - encoded),
+            took_ms: millis(done - start),
+            encode_ms: millis(encoded - start),
+            search_ms: millis(done - encoded),
         }))
     }
 }
@@ -333,11 +447,23 @@ fn search_request(body: serde_json::Value) -> Result<SearchRequest, ApiError> {
 
 async fn search_text(
     State(s): State<AppState>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let start = Instant::now();
-    let Json(body) = body.map_err(json_rejection)?;
-    let req = search_request(body)?;
+    if !is_json(&headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the query as JSON, with `Content-Type: application/json`",
+        ));
+    }
+    // The body is read as bytes (the size limit still applies) so that a
+    // repeated key can be seen before a map keeps only its last value.
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    reject_duplicate_keys(&body, "bad request body")?;
+    let req = search_request(value)?;
     let text = req.text.trim();
     if text.is_empty() {
         return Err(ApiError::bad_request("the query text is empty"));
@@ -358,12 +484,11 @@ async fn search_text(
             options: opts,
         };
         let a = b.search(query).await?;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         return Ok(Json(SearchResponse {
             hits: a.hits,
-            took_ms: ms(start.elapsed()),
-            encode_ms: ms(a.encode),
-            search_ms: ms(a.search),
+            took_ms: millis(start.elapsed()),
+            encode_ms: millis(a.encode),
+            search_ms: millis(a.search),
         }));
     }
     let query = s.embed_text(text.to_string()).await;
@@ -400,11 +525,13 @@ async fn search_image(
                 })?
             }
             "filter" => {
-                filter = serde_json::from_str(text()?).map_err(|e| {
+                let json = text()?;
+                filter = serde_json::from_str(json).map_err(|e| {
                     ApiError::bad_request(format!(
                         "field `filter` must be a JSON object of strings: {e}"
                     ))
-                })?
+                })?;
+                reject_duplicate_keys(json.as_bytes(), "field `filter`")?;
             }
             "approximate" => {
                 approximate = text()?.parse().map_err(|_| {
@@ -423,51 +550,108 @@ async fn search_image(
         .ok_or_else(|| ApiError::bad_request("no image: send the file in a field named `image`"))?;
     let k = s.check_k(k)?;
     let opts = s.options(filter, approximate, k)?;
+    check_upload(&image, &s.0.limits)?;
     let query = s.embed_image(image).await;
     s.answer(start, query, k, opts).await
 }
 
+/// A blocking-pool permit and its gauge: dropped (where the blocking work
+/// ends) it frees the permit and counts the task as ended.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Slot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.blocking_started();
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.blocking_ended();
+    }
+}
+
+/// Whether an upload is text that may be an SVG: the decoder takes XML for
+/// SVG, so anything that starts like markup is bounded as one.
+fn looks_like_markup(bytes: &[u8]) -> bool {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    bytes.trim_ascii_start().starts_with(b"<")
+}
+
+/// Refuses an upload whose decode would cost more than the limits allow,
+/// before any of it is decoded: a raster image by the dimensions in its
+/// header (a small PNG can claim 8000 x 8000 pixels, a quarter of a
+/// gigabyte once decoded), an SVG by its size in bytes.
+fn check_upload(bytes: &[u8], limits: &Limits) -> Result<(), ApiError> {
+    if looks_like_markup(bytes) {
+        let max = limits.max_svg_bytes;
+        if bytes.len() > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the SVG is {} bytes; the limit for SVG uploads is {max} bytes",
+                    bytes.len()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let (w, h) = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "could not read the image (its header names no known format or size); send a \
+                 PNG, JPEG, WebP, GIF or SVG",
+            )
+        })?;
+    let max_side = limits.max_image_side;
+    if w > max_side || h > max_side {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the image is {w} x {h} pixels; the limit is {max_side} on each side"),
+        ));
+    }
+    let (pixels, max_pixels) = (u64::from(w) * u64::from(h), limits.max_image_pixels);
+    if pixels > max_pixels {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the image is {w} x {h} = {pixels} pixels; the limit is {max_pixels} pixels \
+                 (scale it down: the model sees it at a few hundred pixels a side anyway)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl AppState {
-    /// Checks an upload's dimensions from its header, decodes it and embeds
-    /// it, all on a blocking thread.
+    /// Decodes an upload (already checked by [`check_upload`]) and embeds
+    /// it on a blocking thread.
     async fn embed_image(&self, bytes: Bytes) -> Result<Vec<f32>, ApiError> {
-        let _permit = self
-            .0
-            .blocking
-            .acquire()
-            .await
-            .map_err(ApiError::internal)?;
         let encoder = self.0.encoder.clone();
-        let max_side = self.0.limits.max_image_side;
-        tokio::task::spawn_blocking(move || {
-            // The header is enough to refuse a decompression bomb. A format
-            // it does not know (SVG) is left to the decoder, which renders
-            // SVG at a fixed size.
-            if let Ok((w, h)) = image::ImageReader::new(Cursor::new(&bytes))
-                .with_guessed_format()
-                .map_err(|_| ())
-                .and_then(|r| r.into_dimensions().map_err(|_| ()))
-            {
-                if w > max_side || h > max_side {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the image is {w} x {h} pixels; the limit is {max_side} on each side"
-                        ),
-                    ));
-                }
-            }
-            let img = cots_data::image_io::decode_bytes(&bytes, Path::new("the upload")).map_err(
-                |e| {
-                    ApiError::bad_request(format!(
-                        "could not read the image ({e}); send a PNG, JPEG, WebP, GIF or SVG"
-                    ))
-                },
-            )?;
+        self.blocking(move || {
+            // Transparent pixels take the colour the model was trained
+            // against, as in training, evaluation and indexing.
+            let background = encoder.background();
+            let img =
+                cots_data::image_io::decode_bytes_over(&bytes, Path::new("the upload"), background)
+                    .map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "could not read the image ({e}); send a PNG, JPEG, WebP, GIF or SVG"
+                        ))
+                    })?;
             encoder.embed_images(&[img]).map_err(ApiError::from)
         })
         .await
-        .map_err(join_error)?
     }
 }
 
@@ -531,12 +715,72 @@ fn resolve(base: &Path, stored: &str) -> Option<PathBuf> {
         .then(|| base.join(p))
 }
 
+/// Why an item's file is not served.
+enum Refused {
+    /// It does not exist (or a link on the way leads nowhere).
+    Missing,
+    /// It resolves outside the gallery, or is not a regular file.
+    Outside(String),
+}
+
+/// The file `path` (from [`resolve`]) opens, once every symbolic link on
+/// the way is followed, provided it is a regular file in the gallery:
+///
+/// - a path under `base` (every relative one) must resolve under `base`
+///   resolved the same way, so a gallery file replaced by a link to
+///   `/etc/passwd`, or a linked directory leading out, is refused;
+/// - an absolute path the index recorded outside `base` may sit under
+///   linked directories (the index named that place), but its last part
+///   must not be a link out of the directory it names.
+///
+/// Pipes and devices are refused too: opening a FIFO would wait for a
+/// writer for ever, and `/dev/zero` never ends.
+///
+/// The answer is served by opening the returned path again; a writer to
+/// the gallery who swaps a directory for a link between the check and the
+/// open can still win that race.
+fn confine(base: &Path, path: &Path) -> Result<PathBuf, Refused> {
+    let missing = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => Refused::Missing,
+        _ => Refused::Outside(format!("cannot resolve it: {e}")),
+    };
+    let real = std::fs::canonicalize(path).map_err(missing)?;
+    let allowed = if path.starts_with(base) {
+        std::fs::canonicalize(base).map_err(missing)?
+    } else {
+        let parent = path.parent().unwrap_or(path);
+        let real_parent = std::fs::canonicalize(parent).map_err(missing)?;
+        if path.file_name().map(|n| real_parent.join(n)).as_ref() != Some(&real) {
+            return Err(Refused::Outside(format!(
+                "it is a link to {}",
+                real.display()
+            )));
+        }
+        real_parent
+    };
+    if !real.starts_with(&allowed) {
+        return Err(Refused::Outside(format!(
+            "it resolves to {}, outside {}",
+            real.display(),
+            allowed.display()
+        )));
+    }
+    let meta = std::fs::metadata(&real).map_err(missing)?;
+    if !meta.is_file() {
+        return Err(Refused::Outside(format!(
+            "{} is not a regular file",
+            real.display()
+        )));
+    }
+    Ok(real)
+}
+
 async fn original(
     State(s): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let path = {
+    let (base, path) = {
         let index = s.0.index.read().unwrap_or_else(PoisonError::into_inner);
         let (_, item) = index
             .item(&id)
@@ -546,12 +790,39 @@ async fn original(
             .as_deref()
             .ok_or_else(|| ApiError::not_found(format!("item `{id}` has no original file")))?;
         let base = index.root().unwrap_or(index.dir());
-        resolve(base, stored).ok_or_else(|| {
+        let path = resolve(base, stored).ok_or_else(|| {
             tracing::warn!(
                 "item `{id}`: refusing its path `{stored}`, which leaves the index root"
             );
             ApiError::not_found(format!("item `{id}` has no original file"))
-        })?
+        })?;
+        (base.to_path_buf(), path)
+    };
+    let checked = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || confine(&base, &path))
+            .await
+            .map_err(join_error)?
+    };
+    let path = match checked {
+        Ok(real) => real,
+        Err(Refused::Missing) => {
+            tracing::warn!("item `{id}`: its original {} is missing", path.display());
+            return Err(ApiError::not_found(format!(
+                "the original file of item `{id}` is missing"
+            )));
+        }
+        Err(Refused::Outside(why)) => {
+            // The client learns only that there is nothing to serve; the
+            // log says where the link led.
+            tracing::warn!(
+                "item `{id}`: refusing its original {}: {why}",
+                path.display()
+            );
+            return Err(ApiError::not_found(format!(
+                "item `{id}` has no original file"
+            )));
+        }
     };
     let resp = tower_http::services::ServeFile::new(&path)
         .oneshot(req)
@@ -582,7 +853,7 @@ async fn info(State(s): State<AppState>) -> Json<serde_json::Value> {
         "approximate": index.ann_params().is_some(),
         "batching": match &s.0.texts {
             TextPath::Batched(b) => json!({
-                "window_ms": b.window().as_secs_f64() * 1e3,
+                "window_ms": millis(b.window()),
                 "max_batch": b.max_batch(),
             }),
             TextPath::PerRequest => serde_json::Value::Null,
@@ -594,8 +865,10 @@ async fn info(State(s): State<AppState>) -> Json<serde_json::Value> {
             "max_query_chars": l.max_query_chars,
             "max_upload_bytes": l.max_upload_bytes,
             "max_image_side": l.max_image_side,
+            "max_image_pixels": l.max_image_pixels,
+            "max_svg_bytes": l.max_svg_bytes,
         },
-        "uptime_s": s.0.started.elapsed().as_secs_f64(),
+        "uptime_s": (s.0.started.elapsed().as_secs_f64() * 1e3).round() / 1e3,
     }))
 }
 

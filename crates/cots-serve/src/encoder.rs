@@ -5,6 +5,7 @@
 //! count, slow down or break the encoder without a different server.
 
 use candle_core::Tensor;
+use cots_data::image_io::Background;
 use cots_train::inference::Run;
 use image::RgbImage;
 
@@ -24,6 +25,11 @@ pub trait QueryEncoder: Send + Sync + 'static {
     fn weights_hash(&self) -> &str;
     /// How errors and `/api/info` name the model (the run directory).
     fn describe(&self) -> String;
+    /// The colour an uploaded image's transparent pixels are composited
+    /// over before embedding: the one the model was trained with.
+    fn background(&self) -> Background {
+        Background::WHITE
+    }
 }
 
 /// A trained run as the service's encoder.
@@ -90,5 +96,9 @@ impl QueryEncoder for RunEncoder {
 
     fn describe(&self) -> String {
         self.run.dir.display().to_string()
+    }
+
+    fn background(&self) -> Background {
+        self.run.image_config().background
     }
 }

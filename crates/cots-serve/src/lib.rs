@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 
 mod api;
 pub mod batch;
+mod conn;
 pub mod encoder;
 pub mod metrics;
 mod web;
@@ -88,8 +89,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
     #[error(transparent)]
     Index(#[from] cots_index::Error),
 }
@@ -150,6 +149,15 @@ pub struct Limits {
     pub max_upload_bytes: usize,
     /// Longest side of an uploaded image, in pixels.
     pub max_image_side: u32,
+    /// Most pixels (width times height) of an uploaded raster image, read
+    /// from its header before anything is decoded. With `max_blocking`
+    /// this bounds the memory all decodes in flight can take together
+    /// (a 16-bit RGBA decode takes 8 bytes a pixel, its 8-bit copies a few
+    /// more).
+    pub max_image_pixels: u64,
+    /// Largest uploaded SVG, in bytes: an SVG is parsed into a tree before
+    /// it is drawn, so it gets a tighter bound than raster uploads.
+    pub max_svg_bytes: usize,
     /// Image encodes and searches running at once on the blocking pool.
     pub max_blocking: usize,
 }
@@ -162,7 +170,43 @@ impl Default for Limits {
             max_json_bytes: 64 * 1024,
             max_upload_bytes: 16 * 1024 * 1024,
             max_image_side: 8192,
+            max_image_pixels: 1 << 24,
+            max_svg_bytes: 1 << 20,
             max_blocking: std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+        }
+    }
+}
+
+/// Bounds on the connections themselves, whatever they ask for: a client
+/// that opens a connection and sends nothing, or a header a byte at a
+/// time, or keeps an idle connection forever, holds a socket and a task,
+/// so each of those ends after a while and their number is capped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionLimits {
+    /// How long a connection may take to send a complete request head,
+    /// counted from when the server is ready for it: from the accept for
+    /// the first request, from the end of the previous response for the
+    /// next ones. It therefore also bounds how long a kept-alive
+    /// connection may wait between requests.
+    pub header_read_timeout: Duration,
+    /// How long a connection may go without a byte in either direction
+    /// while no request of it is being answered: a client that stopped
+    /// reading its response, or a quiet kept-alive connection. A request
+    /// counts as being answered from its head to its response head, so a
+    /// body that stalls is not cut off by this (the connection cap bounds
+    /// how many such requests there can be).
+    pub idle_timeout: Duration,
+    /// Open connections at most; the server answers any beyond this with
+    /// 503 and closes them at once.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
@@ -175,6 +219,7 @@ pub struct Config {
     /// `None`: every text query is encoded on its own (`--no-batching`).
     pub batching: Option<BatchConfig>,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
     /// Serve even if the index was built with another checkpoint.
     pub allow_model_mismatch: bool,
 }
@@ -187,10 +232,14 @@ struct Shared {
     index: Arc<RwLock<Index>>,
     encoder: Arc<dyn QueryEncoder>,
     texts: TextPath,
-    blocking: tokio::sync::Semaphore,
+    /// Permits for the blocking pool. A permit moves into the blocking
+    /// closure it admits, so it is held until that work ends even when the
+    /// request that started it is dropped (its client went away).
+    blocking: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     token: Option<Vec<u8>>,
     limits: Limits,
+    connections: ConnectionLimits,
     /// Metadata keys and their values (up to [`FILTER_VALUES`] each), for
     /// the page's filter menus.
     filters: BTreeMap<String, Vec<String>>,
@@ -279,9 +328,29 @@ impl AppState {
             });
         }
         let limits = config.limits;
-        if limits.max_k == 0 || limits.max_query_chars == 0 || limits.max_blocking == 0 {
+        if limits.max_k == 0
+            || limits.max_query_chars == 0
+            || limits.max_blocking == 0
+            || limits.max_image_pixels == 0
+        {
             return Err(Error::Config(format!(
-                "max_k, max_query_chars and max_blocking must be positive: {limits:?}"
+                "max_k, max_query_chars, max_image_pixels and max_blocking must be positive: \
+                 {limits:?}"
+            )));
+        }
+        let connections = config.connections;
+        // The shutdown waits for every connection by taking all their
+        // permits at once, which a u32 must be able to count.
+        if connections.max_connections == 0
+            || connections.max_connections > tokio::sync::Semaphore::MAX_PERMITS
+            || connections.max_connections > u32::MAX as usize
+            || connections.header_read_timeout.is_zero()
+            || connections.idle_timeout.is_zero()
+        {
+            return Err(Error::Config(format!(
+                "max_connections must be between 1 and {} and both timeouts positive: \
+                 {connections:?}",
+                u32::MAX
             )));
         }
         let metrics = Arc::new(Metrics::new());
@@ -316,13 +385,14 @@ impl AppState {
             index,
             encoder,
             texts,
-            blocking: tokio::sync::Semaphore::new(limits.max_blocking),
+            blocking: Arc::new(tokio::sync::Semaphore::new(limits.max_blocking)),
             metrics,
             token: config
                 .token
                 .filter(|t| !t.is_empty())
                 .map(String::into_bytes),
             limits,
+            connections,
             started: Instant::now(),
         })))
     }
@@ -335,6 +405,15 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// Blocking tasks (image decodes and encodes, searches, per-request
+    /// text encodes) running now or admitted to run: the permits taken.
+    pub fn blocking_in_use(&self) -> usize {
+        self.0
+            .limits
+            .max_blocking
+            .saturating_sub(self.0.blocking.available_permits())
     }
 
     /// Text queries waiting for the batching thread (0 without batching).
@@ -385,15 +464,21 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Serves [`router`] on `listener` until `shutdown` completes; requests
 /// already in flight then finish before this returns.
+///
+/// Each connection is bounded by the state's [`ConnectionLimits`]: a
+/// request head must arrive within the header-read timeout, a connection
+/// that moves no byte for the idle timeout (while none of its requests is
+/// being answered) is closed, and connections beyond the cap are answered
+/// 503 and closed.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(Error::Serve)
+    let limits = state.0.connections.clone();
+    let metrics = state.0.metrics.clone();
+    conn::serve(listener, router(state), limits, metrics, shutdown).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -75,6 +75,11 @@ pub struct Metrics {
     batches: Mutex<Histogram>,
     index_items: AtomicU64,
     index_dim: AtomicU64,
+    connections_open: AtomicU64,
+    /// Closed connections by why they ended (see [`crate::conn::Ended`]).
+    connections_closed: Mutex<BTreeMap<&'static str, u64>>,
+    connections_refused: AtomicU64,
+    blocking_running: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -97,6 +102,10 @@ impl Metrics {
             batches: Mutex::new(Histogram::new(BATCH_BUCKETS)),
             index_items: AtomicU64::new(0),
             index_dim: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_closed: Mutex::new(BTreeMap::new()),
+            connections_refused: AtomicU64::new(0),
+            blocking_running: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +128,54 @@ impl Metrics {
     /// Text-encoder calls so far.
     pub fn encoder_calls(&self) -> u64 {
         lock(&self.batches).counts.iter().sum()
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self, why: crate::conn::Ended) {
+        use crate::conn::Ended;
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+        let why = match why {
+            Ended::Closed => "closed",
+            Ended::HeaderTimeout => "header_timeout",
+            Ended::Idle => "idle_timeout",
+            Ended::Error => "error",
+        };
+        *lock(&self.connections_closed).entry(why).or_insert(0) += 1;
+    }
+
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.connections_open.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed so far because they ended as `why`
+    /// (`closed`, `header_timeout`, `idle_timeout` or `error`).
+    pub fn closed_connections(&self, why: &str) -> u64 {
+        lock(&self.connections_closed)
+            .get(why)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Connections refused so far because too many were open.
+    pub fn refused_connections(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    /// A blocking task (decode, encode, search) started or ended.
+    pub(crate) fn blocking_started(&self) {
+        self.blocking_running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn blocking_ended(&self) {
+        self.blocking_running.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn set_index(&self, items: usize, dim: usize) {
@@ -164,6 +221,44 @@ impl Metrics {
             out,
             "cots_index_dimensions {}",
             self.index_dim.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP cots_http_connections_open HTTP connections open now.\n");
+        out.push_str("# TYPE cots_http_connections_open gauge\n");
+        let _ = writeln!(
+            out,
+            "cots_http_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP cots_http_connections_closed_total HTTP connections closed, by why: closed \
+             (by either side after its requests), header_timeout, idle_timeout, error.\n",
+        );
+        out.push_str("# TYPE cots_http_connections_closed_total counter\n");
+        for (why, n) in lock(&self.connections_closed).iter() {
+            let _ = writeln!(
+                out,
+                "cots_http_connections_closed_total{{reason=\"{why}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP cots_http_connections_refused_total HTTP connections refused because too many \
+             were open.\n",
+        );
+        out.push_str("# TYPE cots_http_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "cots_http_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP cots_blocking_tasks_running Image decodes, encodes and searches running on the \
+             blocking pool, including those whose client has gone.\n",
+        );
+        out.push_str("# TYPE cots_blocking_tasks_running gauge\n");
+        let _ = writeln!(
+            out,
+            "cots_blocking_tasks_running {}",
+            self.blocking_running.load(Ordering::Relaxed)
         );
         out
     }

@@ -144,6 +144,11 @@ async fn the_page_searches_by_text_and_by_image() {
         find_program(&["chromedriver"]),
         find_program(&["chromium", "chromium-browser", "google-chrome"]),
     ) else {
+        // .ci/run installs them; under CI their absence is a failure.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but chromedriver or chromium is not on PATH"
+        );
         println!(
             "skipped: the browser test needs chromedriver and chromium on PATH \
              (apt-get install chromium chromium-driver); .ci/run installs them"
@@ -337,6 +342,50 @@ async fn the_page_searches_by_text_and_by_image() {
     .await;
     assert!(err.as_str().unwrap().contains("Type a few words"), "{err}");
 
+    // A search can be linked to: `?q=` runs it on load, and typing keeps
+    // the address up to date (without adding history entries).
+    let encoded = percent_encoding::utf8_percent_encode(QUERY, percent_encoding::NON_ALPHANUMERIC);
+    c.goto(&format!("http://{addr}/?q={encoded}"))
+        .await
+        .unwrap();
+    wait_js(
+        &c,
+        "the linked search's results",
+        &format!(
+            "document.querySelector('.card-link')?.dataset.id === 'expected' && ({THUMBS_LOADED})"
+        ),
+    )
+    .await;
+    let typed = c
+        .execute("return document.getElementById('q').value;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(typed, QUERY);
+    let history = c.execute("return history.length;", vec![]).await.unwrap();
+    c.find(Locator::Id("q"))
+        .await
+        .unwrap()
+        .send_keys(" at noon")
+        .await
+        .unwrap();
+    let in_url = wait_js(
+        &c,
+        "the typed query in the address",
+        "new URLSearchParams(location.search).get('q') === document.getElementById('q').value \
+         && document.getElementById('q').value.endsWith('at noon') && location.search",
+    )
+    .await;
+    assert!(in_url.as_str().unwrap().contains("noon"), "{in_url}");
+    assert_eq!(
+        c.execute("return history.length;", vec![]).await.unwrap(),
+        history
+    );
+
+    // Keyboard hints show where there is a keyboard.
+    let hint_display =
+        "return getComputedStyle(document.querySelector('#q-hint .key-hint')).display;";
+    assert_ne!(c.execute(hint_display, vec![]).await.unwrap(), "none");
+
     // On a phone-sized window the grid has two columns.
     c.set_window_size(390, 844).await.unwrap();
     c.find(Locator::Id("q"))
@@ -354,9 +403,61 @@ async fn the_page_searches_by_text_and_by_image() {
         .await
         .unwrap();
     assert_eq!(columns, 2);
+    // ... and no keyboard hints: a phone has no `/` key to press.
+    assert_eq!(c.execute(hint_display, vec![]).await.unwrap(), "none");
     screenshot(&c, "phone.png").await;
+    c.set_window_size(1280, 1000).await.unwrap();
+
+    // A server that wants a token: the page says where to enter it, and
+    // the form is where it says.
+    let guarded = AppState::new(
+        open_index(),
+        Arc::new(common::encoder()),
+        Config {
+            token: Some("browser-test-token".into()),
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let listener = cots_serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let guarded_addr = listener.local_addr().unwrap();
+    let (stop_guarded, guarded_stopped) = tokio::sync::oneshot::channel::<()>();
+    let guarded_server = tokio::spawn(cots_serve::serve(listener, guarded, async {
+        let _ = guarded_stopped.await;
+    }));
+    c.goto(&format!("http://{guarded_addr}/")).await.unwrap();
+    c.find(Locator::Id("q"))
+        .await
+        .unwrap()
+        .send_keys(&format!("{QUERY}\u{E007}"))
+        .await
+        .unwrap();
+    let err = wait_js(
+        &c,
+        "the token message",
+        "!document.getElementById('error').hidden && !document.getElementById('token-form').hidden \
+         && document.getElementById('error').textContent.includes('token') \
+         && document.getElementById('error').textContent",
+    )
+    .await;
+    let err = err.as_str().unwrap();
+    assert!(err.contains("below") && !err.contains("above"), "{err}");
+    let below = c
+        .execute(
+            "return document.getElementById('token-form').getBoundingClientRect().top >= \
+             document.getElementById('error').getBoundingClientRect().bottom;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(below, true, "{err}");
+    screenshot(&c, "token.png").await;
 
     c.close().await.unwrap();
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+    stop_guarded.send(()).unwrap();
+    guarded_server.await.unwrap().unwrap();
 }

@@ -26,7 +26,7 @@ async function api(path, options = {}) {
   const resp = await fetch(path, { ...options, headers });
   if (resp.status === 401) {
     showTokenForm();
-    throw new Error("This server needs an access token. Enter it above and search again.");
+    throw new Error("This server needs an access token. Enter it in the form below and search again.");
   }
   if (!resp.ok) {
     let message = `${resp.status} ${resp.statusText}`;
@@ -160,6 +160,7 @@ async function searchText() {
   }
   clearQueryImage();
   state.lastQuery = { kind: "text", text };
+  syncUrl(text);
   const o = options();
   const body = JSON.stringify({ text, k: o.k, filter: o.filter, approximate: o.approximate });
   await run(`“${text}”`, () =>
@@ -407,6 +408,27 @@ function clearQueryImage() {
   $("query-image").hidden = true;
 }
 
+// ---- the address bar -------------------------------------------------------
+
+// The page's address carries the text query (`/?q=red+circle`), so a search
+// can be bookmarked or sent to someone. replaceState, not pushState: each
+// keystroke would otherwise be a step of the Back button.
+function syncUrl(text) {
+  const url = new URL(window.location.href);
+  if (text) url.searchParams.set("q", text);
+  else url.searchParams.delete("q");
+  if (url.href !== window.location.href) history.replaceState(null, "", url);
+}
+
+// A query in the address runs once the page knows the index (its filters
+// and limits come from /api/info).
+function searchFromUrl() {
+  const text = (new URLSearchParams(window.location.search).get("q") || "").trim();
+  if (!text) return;
+  $("q").value = text;
+  searchText();
+}
+
 // ---- wiring -----------------------------------------------------------------
 
 function wire() {
@@ -414,6 +436,7 @@ function wire() {
     ev.preventDefault();
     searchText();
   });
+  $("q").addEventListener("input", () => syncUrl($("q").value.trim()));
   $("image-button").addEventListener("click", () => $("image-input").click());
   $("image-input").addEventListener("change", () => {
     const f = $("image-input").files[0];
@@ -493,4 +516,4 @@ function rerun() {
 }
 
 wire();
-loadInfo();
+loadInfo().then(searchFromUrl);

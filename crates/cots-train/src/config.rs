@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use cots_data::image_io::ImageConfig;
 use cots_data::synthetic::SyntheticConfig;
 use cots_data::video::synthetic::SyntheticVideoConfig;
+use cots_encoders::two_stream::Preset;
 use cots_objectives::ObjectivesConfig;
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +17,8 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// `tiny`, `small` or `base`; ignored when `config` is set.
-    pub preset: String,
+    /// `tiny`, `small` or `base`; ignored when `config` or `two_stream` is set.
+    pub preset: Preset,
     /// A two-stream config file (TOML or JSON) instead of a preset.
     pub config: Option<PathBuf>,
     /// An inline two-stream config (`[model.two_stream]`) instead of a preset;
@@ -59,7 +60,7 @@ pub struct ModelSection {
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
-            preset: "small".into(),
+            preset: Preset::Small,
             config: None,
             two_stream: None,
             text_init: None,
@@ -73,8 +74,57 @@ impl Default for ModelSection {
     }
 }
 
-/// The data kinds whose items are videos.
-pub const VIDEO_KINDS: [&str; 3] = ["synthetic_video", "video_manifest", "msrvtt"];
+/// Where a run's pairs come from (`data.kind`). Deserialising an unknown
+/// kind is an error that lists these names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    /// The embedded synthetic scenes.
+    Synthetic,
+    /// A JSONL image manifest (`data.path`).
+    Manifest,
+    /// A Karpathy-split JSON file (`data.path`).
+    Karpathy,
+    /// The embedded order-sensitive synthetic clips.
+    SyntheticVideo,
+    /// A JSONL video manifest (`data.path`).
+    VideoManifest,
+    /// MSR-VTT 1k-A (`data.path` = `MSRVTT_data.json` and `[data.msrvtt]`).
+    Msrvtt,
+}
+
+impl DataKind {
+    /// Whether the items are videos.
+    pub fn is_video(self) -> bool {
+        matches!(
+            self,
+            Self::SyntheticVideo | Self::VideoManifest | Self::Msrvtt
+        )
+    }
+
+    /// Whether the kind reads a file named by `data.path`.
+    pub fn needs_path(self) -> bool {
+        !matches!(self, Self::Synthetic | Self::SyntheticVideo)
+    }
+
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Synthetic => "synthetic",
+            Self::Manifest => "manifest",
+            Self::Karpathy => "karpathy",
+            Self::SyntheticVideo => "synthetic_video",
+            Self::VideoManifest => "video_manifest",
+            Self::Msrvtt => "msrvtt",
+        }
+    }
+}
+
+impl std::fmt::Display for DataKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The MSR-VTT 1k-A files besides `data.path` (`MSRVTT_data.json`) and
 /// `data.root` (the folder of videos).
@@ -96,7 +146,7 @@ pub struct DataSection {
     /// clips), `video_manifest` (JSONL, see `cots_data::video::msrvtt`) or
     /// `msrvtt` (`path` = `MSRVTT_data.json`, `root` = the video folder,
     /// and `[data.msrvtt]`).
-    pub kind: String,
+    pub kind: DataKind,
     pub path: Option<PathBuf>,
     /// Relative image paths resolve against this directory (default: the
     /// manifest's directory); the video folder for `msrvtt`.
@@ -123,7 +173,7 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         Self {
-            kind: "synthetic".into(),
+            kind: DataKind::Synthetic,
             path: None,
             root: None,
             synthetic: SyntheticConfig::default(),
@@ -231,7 +281,7 @@ impl RunConfig {
 
     /// Whether the run trains on videos (a video data kind).
     pub fn is_video(&self) -> bool {
-        VIDEO_KINDS.contains(&self.data.kind.as_str())
+        self.data.kind.is_video()
     }
 
     pub fn to_toml(&self) -> Result<String> {
@@ -241,24 +291,7 @@ impl RunConfig {
     /// Checks what serde cannot: ranges and combinations.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if !["tiny", "small", "base"].contains(&self.model.preset.as_str())
-            && self.model.config.is_none()
-        {
-            return bad(format!(
-                "model.preset `{}` is not tiny, small or base",
-                self.model.preset
-            ));
-        }
-        if !["synthetic", "manifest", "karpathy"].contains(&self.data.kind.as_str())
-            && !self.is_video()
-        {
-            return bad(format!(
-                "data.kind `{}` is not synthetic, manifest, karpathy, synthetic_video, \
-                 video_manifest or msrvtt",
-                self.data.kind
-            ));
-        }
-        if !self.data.kind.starts_with("synthetic") && self.data.path.is_none() {
+        if self.data.kind.needs_path() && self.data.path.is_none() {
             return bad(format!(
                 "data.kind = \"{}\" needs data.path",
                 self.data.kind
@@ -278,7 +311,7 @@ impl RunConfig {
             if self.data.random_crop.is_some() {
                 return bad("data.random_crop applies to images only; remove it for video".into());
             }
-            if self.data.kind == "msrvtt" && self.data.msrvtt.is_none() {
+            if self.data.kind == DataKind::Msrvtt && self.data.msrvtt.is_none() {
                 return bad(
                     "data.kind = \"msrvtt\" needs [data.msrvtt] train_list and test_csv".into(),
                 );
@@ -343,7 +376,7 @@ mod tests {
     fn demo_config_parses_and_typos_are_caught() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/demo.toml");
         let cfg = RunConfig::load(&path).unwrap();
-        assert_eq!(cfg.data.kind, "synthetic");
+        assert_eq!(cfg.data.kind, DataKind::Synthetic);
         let round: RunConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(round, cfg);
         let e = toml::from_str::<RunConfig>("[train]\nstep = 3\n")
@@ -357,6 +390,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
+    }
+
+    /// A typo in a preset, a data kind or an objective is an error at load
+    /// that names the file, the key and the accepted values; it never falls
+    /// back to a default.
+    #[test]
+    fn unknown_presets_data_kinds_and_objectives_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "[model]\npreset = \"bsae\"\n",
+                ["preset", "bsae", "`tiny`, `small`"],
+            ),
+            (
+                "[data]\nkind = \"manifset\"\n",
+                ["kind", "manifset", "`karpathy`"],
+            ),
+            (
+                "[[objectives.objectives]]\nkind = \"itcc\"\n",
+                ["kind", "itcc", "`itc`"],
+            ),
+            (
+                "[[objectives.objectives]]\nkind = \"itc\"\nwieght = 2.0\n",
+                ["objectives.objectives", "wieght", "`weight`"],
+            ),
+        ];
+        for (i, (text, wants)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("bad{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let e = RunConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains(&format!("bad{i}.toml")), "{e}");
+            for want in wants {
+                assert!(e.contains(want), "`{want}` missing from: {e}");
+            }
+        }
     }
 
     #[test]

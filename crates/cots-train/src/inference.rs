@@ -17,11 +17,11 @@ use cots_data::image_io::{load_pixels, resize_center_crop, to_chw, ImageConfig};
 use cots_data::{Dataset, ImageSource};
 use cots_encoders::decomposed::{self, Decomposed};
 use cots_encoders::dual::DualEncoder;
-use cots_encoders::tokenizer::TextTokenizer;
 use cots_encoders::two_stream::{self, TwoStream};
 use cots_eval::{
     evaluate_scorer, hard_negative_accuracy, EmbeddingScorer, EvalOptions, RetrievalReport,
 };
+use cots_text::TextTokenizer;
 use image::RgbImage;
 use rayon::prelude::*;
 

@@ -55,6 +55,8 @@ pub enum Error {
     #[error(transparent)]
     Encoders(#[from] cots_encoders::Error),
     #[error(transparent)]
+    Text(#[from] cots_text::Error),
+    #[error(transparent)]
     Objectives(#[from] cots_objectives::Error),
     #[error(transparent)]
     Data(#[from] cots_data::Error),

@@ -79,10 +79,20 @@ pub fn truncate_from(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let kept: Vec<String> = read(path)?
-        .into_iter()
-        .filter(|r| r["step"].as_u64().is_none_or(|s| s < step))
-        .map(|r| r.to_string())
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // The kept lines are copied as they were written, not re-serialised: a
+    // float parsed and printed again may change in its last digit, and a
+    // resumed run's log must match an uninterrupted one's exactly. A torn
+    // final line (a killed write) does not parse and is dropped.
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|r| r["step"].as_u64().is_none_or(|s| s < step))
+        })
         .collect();
     let mut text = kept.join("\n");
     if !text.is_empty() {

@@ -394,14 +394,8 @@ pub fn seed_init(map: &VarMap, seed: u64) -> Result<()> {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
                 seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
-            let draws: Vec<f32> = (0..n)
-                .map(|_| {
-                    // Box-Muller.
-                    let u1: f64 = rng.random::<f64>().max(1e-300);
-                    let u2: f64 = rng.random();
-                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                })
-                .collect();
+            let normal = rand_distr::Normal::new(0.0, std).map_err(candle_core::Error::wrap)?;
+            let draws: Vec<f32> = (0..n).map(|_| rng.sample(normal) as f32).collect();
             Tensor::from_vec(draws, var.shape(), var.device())?.to_dtype(var.dtype())?
         };
         var.set(&new)?;

@@ -10,7 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use cots_data::synthetic::vocabulary;
 use cots_data::{Loader, LoaderConfig, LoaderPosition, Split};
 use cots_encoders::dvae::{self, Dvae};
-use cots_encoders::tokenizer::TextTokenizer;
+use cots_text::TextTokenizer;
 use indicatif::ProgressBar;
 use serde::Serialize;
 

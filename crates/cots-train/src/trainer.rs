@@ -22,17 +22,17 @@ use cots_data::masking::{block_mask, mlm_mask};
 use cots_data::synthetic::vocabulary;
 use cots_data::video::{self, MissingPolicy};
 use cots_data::{manifest, Dataset, Loader, LoaderConfig, LoaderPosition, Split};
-use cots_encoders::tokenizer::TextTokenizer;
 use cots_encoders::weights::{self, HfBertDir};
 use cots_encoders::{efficientnet, temporal, two_stream};
 use cots_eval::RetrievalReport;
 use cots_objectives::ObjectiveState;
 use cots_ops::SeededRng;
+use cots_text::TextTokenizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::config::RunConfig;
+use crate::config::{DataKind, RunConfig};
 use crate::inference::{self, CHECKPOINTS, CONFIG_FILE, MODEL_FILE};
 use crate::metrics::{self, MetricsWriter};
 use crate::model::{sorted_vars, StepBatch, System, MODEL_PREFIX};
@@ -80,22 +80,24 @@ pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
         }
         Dataset::from_videos(&resolved.records)
     };
-    let data = match d.kind.as_str() {
-        "synthetic" => Dataset::synthetic(&cots_data::synthetic::SyntheticConfig {
+    let data = match d.kind {
+        DataKind::Synthetic => Dataset::synthetic(&cots_data::synthetic::SyntheticConfig {
             image_size: d.image.size,
             ..d.synthetic.clone()
         }),
-        "synthetic_video" => Dataset::synthetic_video(&video::synthetic::SyntheticVideoConfig {
-            size: d.image.size as u32,
-            ..d.synthetic_video.clone()
-        }),
-        "video_manifest" => {
+        DataKind::SyntheticVideo => {
+            Dataset::synthetic_video(&video::synthetic::SyntheticVideoConfig {
+                size: d.image.size as u32,
+                ..d.synthetic_video.clone()
+            })
+        }
+        DataKind::VideoManifest => {
             let path = d.path.as_ref().ok_or_else(|| {
                 Error::Config("data.kind = \"video_manifest\" needs data.path".into())
             })?;
             videos(video::msrvtt::read_manifest(path, policy).map_err(cots_data::Error::from)?)
         }
-        "msrvtt" => {
+        DataKind::Msrvtt => {
             let (Some(json), Some(files)) = (&d.path, &d.msrvtt) else {
                 return Err(Error::Config(
                     "data.kind = \"msrvtt\" needs data.path (MSRVTT_data.json) and [data.msrvtt]"
@@ -112,7 +114,7 @@ pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
                     .map_err(cots_data::Error::from)?,
             )
         }
-        kind => {
+        kind @ (DataKind::Manifest | DataKind::Karpathy) => {
             let path = d
                 .path
                 .as_ref()
@@ -122,7 +124,7 @@ pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
                 .clone()
                 .or_else(|| path.parent().map(Path::to_path_buf))
                 .unwrap_or_default();
-            if kind == "karpathy" {
+            if kind == DataKind::Karpathy {
                 manifest::load_karpathy(path, &root)?
             } else {
                 manifest::load_jsonl(path, &root)?
@@ -142,7 +144,7 @@ fn make_tokenizer(cfg: &RunConfig, data: &Dataset) -> Result<TextTokenizer> {
     if let Some(dir) = &cfg.model.init {
         return Ok(TextTokenizer::from_dir(dir)?);
     }
-    let words: Vec<String> = if cfg.data.kind == "synthetic" {
+    let words: Vec<String> = if cfg.data.kind == DataKind::Synthetic {
         vocabulary()
     } else {
         let mut set = std::collections::BTreeSet::new();
@@ -164,11 +166,7 @@ fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
     let mut m = match (&cfg.model.config, &cfg.model.two_stream) {
         (Some(p), _) => two_stream::Config::load(p)?,
         (None, Some(inline)) => inline.clone(),
-        (None, None) => match cfg.model.preset.as_str() {
-            "tiny" => two_stream::Config::tiny(vocab),
-            "small" => two_stream::Config::small(vocab),
-            _ => two_stream::Config::base(),
-        },
+        (None, None) => cfg.model.preset.config(vocab),
     };
     if cfg.model.text_init.is_none() && cfg.model.config.is_none() {
         m.text.vocab_size = vocab;
@@ -202,6 +200,10 @@ pub struct Trainer {
     pub system: System,
     pub tokenizer: Arc<TextTokenizer>,
     data: Arc<Dataset>,
+    /// The training split and the loader's settings, kept so that
+    /// [`Trainer::peek_batch`] can rebuild the next batch.
+    train: Arc<Dataset>,
+    loader_cfg: LoaderConfig,
     loader: Loader,
     optim: AdamW,
     step: u64,
@@ -316,13 +318,13 @@ impl Trainer {
 
         let ckpt_dir = out.join(CHECKPOINTS);
         if resume {
-            let Some(latest) = checkpoint::latest(&ckpt_dir)? else {
+            // A damaged newest checkpoint is skipped with a warning naming it.
+            let Some((latest, tensors, meta)) = checkpoint::load_latest(&ckpt_dir)? else {
                 return Err(Error::Checkpoint(format!(
                     "--resume: {} has no complete checkpoint",
                     ckpt_dir.display()
                 )));
             };
-            let (tensors, meta) = checkpoint::load(&latest)?;
             restore(&mut system, &mut trainer_optim, &tensors, &meta)?;
             step = meta["step"].as_u64().unwrap_or(0);
             start = serde_json::from_value(meta["loader"].clone()).map_err(|e| {
@@ -331,8 +333,9 @@ impl Trainer {
             metrics::truncate_from(&out.join("metrics.jsonl"), step + 1)?;
             tracing::info!("resumed from {} at step {step}", latest.display());
         } else {
-            // A fresh run must not mix with an older one's checkpoints.
-            if checkpoint::latest(&ckpt_dir)?.is_some() {
+            // A fresh run must not mix with an older one's checkpoints, even
+            // damaged ones.
+            if !checkpoint::list(&ckpt_dir)?.is_empty() {
                 return Err(Error::Config(format!(
                     "{} already holds checkpoints: pass --resume to continue it, or choose another output directory",
                     out.display()
@@ -355,13 +358,15 @@ impl Trainer {
             random_crop: cfg.data.random_crop,
             on_bad_input: cfg.data.on_bad_input,
         };
-        let loader = Loader::new(train, tokenizer.clone(), loader_cfg, start)?;
+        let loader = Loader::new(train.clone(), tokenizer.clone(), loader_cfg.clone(), start)?;
         let metrics = MetricsWriter::open(&out.join("metrics.jsonl"))?;
         Ok(Self {
             cfg,
             system,
             tokenizer,
             data: Arc::new(data),
+            train,
+            loader_cfg,
             loader,
             optim: trainer_optim,
             step,
@@ -377,6 +382,32 @@ impl Trainer {
 
     pub fn out_dir(&self) -> &Path {
         &self.out
+    }
+
+    /// The first micro-batch the next [`Trainer::train_step`] will train
+    /// on, exactly as that step will see it (same pixels, tokens and
+    /// masks), without consuming it. For inspecting the step from outside
+    /// (tests check the EMA and the enqueue against it); it loads the batch
+    /// a second time, so the loop never calls it.
+    pub fn peek_batch(&self) -> Result<StepBatch> {
+        let position = self.loader.position();
+        let order = cots_data::loader::epoch_order(
+            &self.train.pairs(),
+            self.loader_cfg.seed,
+            position.epoch,
+        );
+        let first = position.batch as usize * self.loader_cfg.batch_size;
+        let pairs = order
+            .get(first..first + self.loader_cfg.batch_size)
+            .ok_or_else(|| Error::Config(format!("no batch at loader position {position:?}")))?;
+        let batch = cots_data::loader::make_batch(
+            &self.train,
+            &self.tokenizer,
+            &self.loader_cfg,
+            pairs,
+            position,
+        )?;
+        self.to_step_batch(&batch, 0)
     }
 
     fn to_step_batch(&self, b: &cots_data::Batch, micro: u64) -> Result<StepBatch> {

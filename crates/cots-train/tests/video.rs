@@ -8,7 +8,7 @@ use cots_encoders::temporal::{self, Mode, Readout};
 use cots_encoders::two_stream;
 use cots_objectives::ObjectivesConfig;
 use cots_ops::SeededRng;
-use cots_train::config::RunConfig;
+use cots_train::config::{DataKind, RunConfig};
 use cots_train::inference::Run;
 use cots_train::metrics;
 use cots_train::model::{StepBatch, System};
@@ -275,7 +275,7 @@ fn video_configs_are_checked() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("data.image.frames"), "{e}");
     let mut cfg = config(dir.path(), 1, TRANSFORMER);
-    cfg.data.kind = "synthetic".into();
+    cfg.data.kind = DataKind::Synthetic;
     cfg.data.image.frames = None;
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("model.temporal"), "{e}");
@@ -327,7 +327,7 @@ fn a_video_manifest_loads_and_missing_files_are_named() {
     )
     .unwrap();
     let mut cfg = config(dir.path(), 1, Mode::Mean);
-    cfg.data.kind = "video_manifest".into();
+    cfg.data.kind = DataKind::VideoManifest;
     cfg.data.path = Some(manifest.clone());
     cfg.validate().unwrap();
     let e = load_dataset(&cfg).unwrap_err().to_string();
@@ -426,7 +426,7 @@ fn msrvtt_annotations_load_from_a_run_config() {
     std::fs::write(videos.join("video0.mp4"), b"").unwrap();
     std::fs::create_dir(videos.join("video7")).unwrap(); // a frame folder
     let mut cfg = config(d, 1, Mode::Mean);
-    cfg.data.kind = "msrvtt".into();
+    cfg.data.kind = DataKind::Msrvtt;
     cfg.data.path = Some(d.join("MSRVTT_data.json"));
     assert!(cfg
         .validate()

@@ -117,6 +117,7 @@ pub struct TrainTokenizerArgs {
     /// ViT preset the codes must match: tiny, small or base.
     #[arg(long, default_value = "small")]
     pub preset: String,
+    /// Training steps.
     #[arg(long, default_value_t = 300)]
     pub steps: u64,
     /// Output directory (dvae.json, dvae.safetensors, report.json).
@@ -133,14 +134,17 @@ pub struct TrainCrossArgs {
     /// Output directory (cross.json, cross.safetensors, tokenizer.json).
     #[arg(long)]
     pub out: PathBuf,
+    /// Training steps.
     #[arg(long, default_value_t = 400)]
     pub steps: u64,
     /// Positive pairs per step; each brings a hard negative caption and a
     /// hard negative image.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
+    /// Seed of the initialisation, the data order and the negatives drawn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -157,10 +161,13 @@ pub struct DecomposeArgs {
     /// recorded (needed for cross-encoders trained before it was recorded).
     #[arg(long)]
     pub data_from: Option<PathBuf>,
+    /// Training steps.
     #[arg(long, default_value_t = 300)]
     pub steps: u64,
+    /// Pairs per step.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Width of the shared embedding space.
@@ -185,6 +192,7 @@ pub struct DecomposeArgs {
     /// Train on the first N training images only (the paper's small target set; 0: all).
     #[arg(long, default_value_t = 0)]
     pub target_items: usize,
+    /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -202,6 +210,7 @@ pub struct CompareArgs {
     /// defaults) if it holds none.
     #[arg(long)]
     pub decomposed: PathBuf,
+    /// The split of the run's data to compare on (train, val or test).
     #[arg(long, default_value = "test")]
     pub split: String,
     /// Use only the first N images of the split (and their captions): the
@@ -249,8 +258,10 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
+    /// The trained run whose encoders embed the data.
     #[arg(long)]
     pub run: PathBuf,
+    /// The split to embed (train, val or test).
     #[arg(long, default_value = "test")]
     pub split: String,
     /// A run config naming another dataset (default: the run's own).
@@ -265,6 +276,7 @@ pub struct EmbedArgs {
 pub struct SearchArgs {
     /// The text query (omit with --image or --video).
     pub query: Option<String>,
+    /// The run whose encoders embed the query: the one that wrote --index.
     #[arg(long)]
     pub run: PathBuf,
     /// Embeddings written by `cots embed`.
@@ -278,7 +290,8 @@ pub struct SearchArgs {
     /// run samples its frames, an image run takes the centre frame.
     #[arg(long)]
     pub video: Option<PathBuf>,
-    #[arg(short, long, default_value_t = 5)]
+    /// How many results to print (at least 1).
+    #[arg(short, long, default_value_t = 5, value_parser = crate::index_cmd::parse_k)]
     pub k: usize,
     /// Search even if the index was built by another checkpoint.
     #[arg(long)]
@@ -305,35 +318,35 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
         cfg.train.steps = s;
     }
     clear_earlier_demo(&out)?;
-    println!(
+    outln!(
         "COTS demo: training a {} two-stream model on the embedded synthetic scenes ({} steps of {} pairs)",
         cfg.model.preset, cfg.train.steps, cfg.data.batch_size
-    );
+    )?;
     let mut trainer = Trainer::new(cfg, &ctx.device, false)?;
     let summary = trainer.run(ctx.quiet)?;
-    println!(
+    outln!(
         "trained {} steps in {:.0} s, final loss {:.3}; run saved in {}",
         summary.steps,
         summary.seconds,
         summary.final_loss,
         out.display()
-    );
+    )?;
     let report = trainer.evaluate(Split::Test)?;
-    println!(
+    outln!(
         "\nHeld-out test split (unseen scene families, hard negatives in the gallery):\n{report}"
-    );
+    )?;
     let chance = 100.0 / report.n_images as f64;
-    println!("(chance text-to-image R@1 is {chance:.1}%)");
+    outln!("(chance text-to-image R@1 is {chance:.1}%)")?;
     write_reports(&report, &out.join("eval.json"), &out.join("eval.md"))?;
 
     let run = Run::open(&out, &ctx.device)?;
     let data = load_dataset(&run.cfg)?.split(Split::Test)?;
     let sources: Vec<ImageSource> = data.items.iter().map(|i| i.source.clone()).collect();
     let gallery = run.embed_images(&sources)?;
-    println!(
+    outln!(
         "\nExample searches over the {} test images:",
         data.items.len()
-    );
+    )?;
     for item in data
         .items
         .iter()
@@ -343,19 +356,19 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
         let q = &item.captions[0];
         let emb = run.embed_texts(std::slice::from_ref(q))?;
         let hits = &top_k(&emb, &gallery, 3)?[0];
-        println!("  \"{q}\"");
+        outln!("  \"{q}\"")?;
         for (rank, (i, score)) in hits.iter().enumerate() {
             let mark = if data.items[*i].id == item.id {
                 "  <- the described image"
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "    {}. {:.3}  {}{mark}",
                 rank + 1,
                 score,
                 data.items[*i].captions[0]
-            );
+            )?;
         }
     }
     Ok(())
@@ -395,13 +408,13 @@ pub fn train(ctx: &Ctx, a: TrainArgs) -> Result<()> {
     }
     let mut trainer = Trainer::new(cfg, &ctx.device, a.resume)?;
     let s = trainer.run(ctx.quiet)?;
-    println!(
+    outln!(
         "trained to step {} in {:.0} s (final loss {:.4}); checkpoint {}",
         s.steps,
         s.seconds,
         s.final_loss,
         s.checkpoint.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -424,14 +437,14 @@ pub fn train_tokenizer(ctx: &Ctx, a: TrainTokenizerArgs) -> Result<()> {
         &ctx.device,
         ctx.quiet,
     )?;
-    println!(
+    outln!(
         "visual tokenizer saved in {}: reconstruction MSE {:.4}, code perplexity {:.1}, {:.0}% of {} codes used",
         a.out.display(),
         r.recon_mse,
         r.perplexity,
         100.0 * r.usage,
         r.codebook_size
-    );
+    )?;
     Ok(())
 }
 
@@ -456,14 +469,14 @@ pub fn train_cross(ctx: &Ctx, a: TrainCrossArgs) -> Result<()> {
         ..CrossTrainConfig::default()
     };
     let ce = cots_train::cross::train_cross(&miner, &a.out, &tc, ctx.quiet)?;
-    println!(
+    outln!(
         "cross-encoder trained for {} steps (final ITM loss {:.4}): {} (evaluate it with `cots eval --run {} --cross {}`)",
         ce.step,
         ce.loss.unwrap_or(f64::NAN),
         a.out.display(),
         a.from.display(),
         a.out.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -517,24 +530,24 @@ pub fn decompose(ctx: &Ctx, a: DecomposeArgs) -> Result<()> {
     let ce = CrossRun::open(&a.from, &ctx.device)?;
     let data = decompose_data(&ce, a.data_from.as_deref())?;
     let run = cots_train::decompose::decompose(&ce, &data, &a.out, &dc, ctx.quiet)?;
-    println!(
+    outln!(
         "decomposed {} into two encoders ({} steps): {} (evaluate it with `cots eval --run {}`)",
         a.from.display(),
         run.step,
         a.out.display(),
         a.out.display()
-    );
+    )?;
     Ok(())
 }
 
 pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
     let cots = Run::open(&a.run, &ctx.device)?;
     if !a.cross.join(cots_train::cross::CROSS_CONFIG_FILE).exists() {
-        println!(
+        outln!(
             "{} holds no cross-encoder: training one from {} (`cots train-cross` defaults)",
             a.cross.display(),
             a.run.display()
-        );
+        )?;
         cots_train::cross::train_cross(&cots, &a.cross, &CrossTrainConfig::default(), ctx.quiet)?;
     }
     let ce = CrossRun::open(&a.cross, &ctx.device)?;
@@ -543,11 +556,11 @@ pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
         .join(cots_train::inference::DECOMPOSED_FILE)
         .exists()
     {
-        println!(
+        outln!(
             "{} holds no decomposed model: decomposing {} (`cots decompose` defaults)",
             a.decomposed.display(),
             a.cross.display()
-        );
+        )?;
         cots_train::decompose::decompose(
             &ce,
             &cots.cfg,
@@ -579,9 +592,9 @@ pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
         a.split
     );
     let files = cmp.write(&a.out, &header)?;
-    println!("{header}{}", cmp.to_markdown());
+    outln!("{header}{}", cmp.to_markdown())?;
     for f in files {
-        println!("wrote {}", f.display());
+        outln!("wrote {}", f.display())?;
     }
     Ok(())
 }
@@ -597,7 +610,7 @@ pub fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
         Some(dir) => CrossRun::open(dir, &ctx.device)?.evaluate_with(&data, &opts)?,
         None => run.evaluate_with(&data, &opts)?,
     };
-    println!("{report}");
+    outln!("{report}")?;
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
@@ -639,14 +652,14 @@ pub fn embed(ctx: &Ctx, a: EmbedArgs) -> Result<()> {
     let side = a.out.with_extension("json");
     std::fs::write(&side, serde_json::to_string_pretty(&meta)?)
         .with_context(|| format!("writing {}", side.display()))?;
-    println!(
+    outln!(
         "embedded {} {} and {} captions into {} (+ {})",
         data.items.len(),
         gallery_noun(&run),
         n,
         a.out.display(),
         side.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -721,10 +734,10 @@ pub fn search(ctx: &Ctx, a: SearchArgs) -> Result<()> {
         _ => bail!("give either a text query or --image PATH (or --video PATH)"),
     };
     let hits = &top_k(&query, &gallery, a.k)?[0];
-    println!("top {} {what}:", hits.len());
+    outln!("top {} {what}:", hits.len())?;
     for (rank, (i, s)) in hits.iter().enumerate() {
         let label = labels.get(*i).map(String::as_str).unwrap_or("?");
-        println!("{:>3}. {s:.4}  {label}", rank + 1);
+        outln!("{:>3}. {s:.4}  {label}", rank + 1)?;
     }
     Ok(())
 }

@@ -50,22 +50,22 @@ pub fn demo_video(ctx: &Ctx, a: &DemoArgs) -> Result<()> {
             cfg.train.steps = s;
         }
         clear_earlier_demo(&cfg.train.out)?;
-        println!(
+        outln!(
             "COTS video demo, {name}: {} steps of {} clips ({} frames of {} px) with captions",
             cfg.train.steps,
             cfg.data.batch_size,
             cfg.data.image.frames.unwrap_or(1),
             cfg.data.image.size
-        );
+        )?;
         let run_dir = cfg.train.out.clone();
         let mut trainer = Trainer::new(cfg, &ctx.device, false)?;
         let summary = trainer.run(ctx.quiet)?;
-        println!(
+        outln!(
             "  trained in {:.0} s, final loss {:.3}; run saved in {}",
             summary.seconds,
             summary.final_loss,
             run_dir.display()
-        );
+        )?;
         let report = trainer.evaluate(Split::Test)?;
         write_reports(
             &report,
@@ -75,10 +75,10 @@ pub fn demo_video(ctx: &Ctx, a: &DemoArgs) -> Result<()> {
         reports.push((name, report));
     }
     let table = comparison_table(&reports);
-    println!("\n{table}");
+    outln!("\n{table}")?;
     let md = out.join("comparison.md");
     std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
-    println!("(written to {})", md.display());
+    outln!("(written to {})", md.display())?;
     Ok(())
 }
 

@@ -1,14 +1,14 @@
 //! `cots build-emoji` and `cots build-emoji-video`: the multi-style emoji
 //! benchmark and its animated twin from unpacked npm packages. `cargo xtask
 //! data emoji` (`emoji-video`) downloads and verifies the packages and then
-//! runs these; the work lives in `cots_data::emoji` (`cots_data::emoji_video`).
+//! runs these; the work lives in `cots_datasets::emoji` (`cots_datasets::emoji_video`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use cots_data::emoji::{self, BuildOptions};
-use cots_data::emoji_video::{self, Progress, VideoBuildOptions};
+use cots_datasets::emoji::{self, BuildOptions};
+use cots_datasets::emoji_video::{self, Progress, VideoBuildOptions};
 
 #[derive(Debug, Args)]
 pub struct BuildEmojiArgs {
@@ -46,7 +46,7 @@ pub fn build_emoji(quiet: bool, a: BuildEmojiArgs) -> Result<()> {
     }
     if !quiet {
         let images: usize = stats.styles.iter().map(|s| s.images).sum();
-        println!(
+        outln!(
             "{}: {} concepts in {} families (train/val/test {}/{}/{}), {} styles ({} held out: {}), \
              {} images, manifest items train/val/test {}/{}/{}, {} failures, {:.0} s",
             a.out.display(),
@@ -64,7 +64,7 @@ pub fn build_emoji(quiet: bool, a: BuildEmojiArgs) -> Result<()> {
             stats.manifest_items.test,
             stats.failures.len(),
             started.elapsed().as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }
@@ -111,7 +111,7 @@ pub fn build_emoji_video(quiet: bool, a: BuildEmojiVideoArgs) -> Result<()> {
         tracing::warn!("left out {}: {}", f.key, f.error);
     }
     if !quiet {
-        println!(
+        outln!(
             "{}: {} videos of {} concepts with an animation ({} stills left out, {} failures), \
              {} families, train/val/test videos {}/{}/{}, {}-{} source frames cut to {}-{}, \
              {} written, {:.0} s",
@@ -130,7 +130,7 @@ pub fn build_emoji_video(quiet: bool, a: BuildEmojiVideoArgs) -> Result<()> {
             stats.frames.max,
             stats.written,
             started.elapsed().as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }

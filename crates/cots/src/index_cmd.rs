@@ -75,9 +75,11 @@ pub struct SourceArgs {
     /// Items embedded and saved per step (a crash loses at most one step).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
-    /// Thumbnail size in pixels (longer side; JPEG).
-    #[arg(long, default_value_t = 96)]
-    pub thumb_size: u32,
+    /// Thumbnail size in pixels (longer side; JPEG). Default: the size the
+    /// index already records, else 96. An index keeps one size: resuming or
+    /// adding with another is refused.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub thumb_size: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +109,7 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
+    /// The index directory to add to (`cots index build` writes one).
     #[arg(long)]
     pub index: PathBuf,
     /// The run the index was built with.
@@ -118,6 +121,7 @@ pub struct AddArgs {
 
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
+    /// The index directory to remove items from.
     #[arg(long)]
     pub index: PathBuf,
     /// Ids of the items to remove.
@@ -127,6 +131,7 @@ pub struct RemoveArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    /// The index directory to summarise.
     #[arg(long)]
     pub index: PathBuf,
     /// Print JSON instead of text.
@@ -136,6 +141,7 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    /// The index directory to export.
     #[arg(long)]
     pub index: PathBuf,
     /// The Parquet file to write.
@@ -147,6 +153,7 @@ pub struct ExportArgs {
 pub struct IndexSearchArgs {
     /// The text query (omit with --image).
     pub query: Option<String>,
+    /// The index directory to search (`cots index build` writes one).
     #[arg(long)]
     pub index: PathBuf,
     /// The run whose encoders embed the query.
@@ -155,7 +162,8 @@ pub struct IndexSearchArgs {
     /// Search with this image instead of a text.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    #[arg(short, long, default_value_t = 10)]
+    /// How many results to return (at least 1).
+    #[arg(short, long, default_value_t = 10, value_parser = parse_k)]
     pub k: usize,
     /// Use the approximate-search graph (`build --ann`).
     #[arg(long, conflicts_with = "int8")]
@@ -175,6 +183,16 @@ pub struct IndexSearchArgs {
     /// Print JSON hits.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `-k`: a count of results, which must be at least one (`-k 0` would
+/// succeed with nothing to show, which is never what was meant).
+pub fn parse_k(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("k must be at least 1 (the number of results to return)".into()),
+        Ok(k) => Ok(k),
+        Err(e) => Err(format!("`{s}` is not a count of results: {e}")),
+    }
 }
 
 fn parse_filter(s: &str) -> std::result::Result<(String, String), String> {
@@ -269,13 +287,13 @@ fn video_manifest_items(m: &Path, s: &SourceArgs, root: &Path) -> Result<Vec<Pen
     };
     let resolved = cots_data::video::msrvtt::read_manifest(m, policy)?;
     if !resolved.skipped.is_empty() {
-        println!(
+        outln!(
             "skipped {} video(s) of {} whose files are missing:",
             resolved.skipped.len(),
             m.display()
-        );
+        )?;
         for k in resolved.skipped.iter().take(20) {
-            println!("  {}: {}", k.id, k.reason);
+            outln!("  {}: {}", k.id, k.reason)?;
         }
     }
     let split = s
@@ -480,7 +498,7 @@ fn check_model(index: &Index, run: &Run, allow_mismatch: bool) -> Result<()> {
 fn prepare(source: &ImageSource, cfg: &ImageConfig, thumb: u32) -> Result<(Vec<f32>, Vec<u8>)> {
     let (pixels, full) = match source {
         ImageSource::Path(p) => {
-            let img = image_io::decode(p)?;
+            let img = image_io::decode_over(p, cfg.background)?;
             let chw = image_io::to_chw(&image_io::resize_center_crop(&img, cfg.size), cfg);
             (chw.repeat(cfg.frames.unwrap_or(1)), img)
         }
@@ -514,6 +532,7 @@ fn embed_into(
     index: &mut Index,
     pending: Vec<Pending>,
     s: &SourceArgs,
+    thumb_size: u32,
 ) -> Result<Vec<String>> {
     let cfg = run.image_config();
     let bar = cots_train::metrics::progress_bar("embedding ", pending.len() as u64, ctx.quiet);
@@ -524,7 +543,7 @@ fn embed_into(
         let part: Vec<Pending> = pending.by_ref().take(chunk).collect();
         let prepared: Vec<Result<(Vec<f32>, Vec<u8>)>> = part
             .par_iter()
-            .map(|p| prepare(&p.source, &cfg, s.thumb_size))
+            .map(|p| prepare(&p.source, &cfg, thumb_size))
             .collect();
         let mut items = Vec::with_capacity(part.len());
         let mut pixels = Vec::with_capacity(part.len() * 3 * cfg.size * cfg.size);
@@ -579,16 +598,47 @@ fn embed_pixels(run: &Run, pixels: Vec<f32>, n: usize, cfg: &ImageConfig) -> Res
     Ok(out)
 }
 
-fn report_bad(bad: &[String]) {
-    if !bad.is_empty() {
-        println!("skipped {} image(s) that failed to decode:", bad.len());
-        for b in bad.iter().take(20) {
-            println!("  {b}");
-        }
-        if bad.len() > 20 {
-            println!("  ... and {} more", bad.len() - 20);
+/// The thumbnail size when `--thumb-size` is not given.
+const DEFAULT_THUMB_SIZE: u32 = 96;
+
+/// The thumbnail size for adding to `index`: the one it records. Another
+/// `--thumb-size` is refused, since one index must not mix sizes; an index
+/// that records none yet records the one used now.
+fn thumb_size_for(index: &mut Index, asked: Option<u32>) -> Result<u32> {
+    match (index.thumb_size(), asked) {
+        (Some(old), Some(new)) if old != new => bail!(
+            "{dir} holds {old} px thumbnails, and --thumb-size asks for {new} px: one index keeps              one size. To continue this index, rerun with --thumb-size {old} (or without the              flag); for {new} px thumbnails, build into another --out, or remove {dir} and              build again",
+            dir = index.dir().display()
+        ),
+        (Some(old), _) => Ok(old),
+        (None, asked) => {
+            let px = asked.unwrap_or(DEFAULT_THUMB_SIZE);
+            if index.is_empty() {
+                index.set_thumb_size(Some(px))?;
+            } else {
+                // Written before sizes were recorded: nothing to compare with,
+                // and recording a guess could refuse the right size later.
+                tracing::warn!(
+                    "{} does not record its thumbnail size (built by an older version):                      the new thumbnails are {px} px",
+                    index.dir().display()
+                );
+            }
+            Ok(px)
         }
     }
+}
+
+fn report_bad(bad: &[String]) -> Result<()> {
+    if !bad.is_empty() {
+        outln!("skipped {} image(s) that failed to decode:", bad.len())?;
+        for b in bad.iter().take(20) {
+            outln!("  {b}")?;
+        }
+        if bad.len() > 20 {
+            outln!("  ... and {} more", bad.len() - 20)?;
+        }
+    }
+    Ok(())
 }
 
 fn build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
@@ -613,24 +663,25 @@ fn build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
         index.set_root(root.as_deref())?;
         index
     };
+    let thumb_size = thumb_size_for(&mut index, a.source.thumb_size)?;
     let total = pending.len();
     let todo: Vec<Pending> = pending
         .into_iter()
         .filter(|p| index.item(&p.item.id).is_none())
         .collect();
     if todo.len() < total {
-        println!(
+        outln!(
             "resuming: {} of {total} items are already in {}",
             total - todo.len(),
             a.out.display()
-        );
+        )?;
     }
     if a.int8 && !index.is_quantized() {
         // Before embedding: every added chunk then gets its codes as it is saved.
         index.quantize()?;
     }
-    let bad = embed_into(ctx, &run, &mut index, todo, &a.source)?;
-    report_bad(&bad);
+    let bad = embed_into(ctx, &run, &mut index, todo, &a.source, thumb_size)?;
+    report_bad(&bad)?;
     if a.ann {
         let params = AnnParams {
             m: a.ann_m,
@@ -645,10 +696,10 @@ fn build(ctx: &Ctx, a: BuildArgs) -> Result<()> {
         if !unchanged {
             let t = std::time::Instant::now();
             index.build_ann(params)?;
-            println!("built the HNSW graph in {:.1} s", t.elapsed().as_secs_f64());
+            outln!("built the HNSW graph in {:.1} s", t.elapsed().as_secs_f64())?;
         }
     }
-    println!("{}", index.info());
+    outln!("{}", index.info())?;
     Ok(())
 }
 
@@ -666,6 +717,7 @@ fn add(ctx: &Ctx, a: AddArgs) -> Result<()> {
             run.weights_hash
         );
     }
+    let thumb_size = thumb_size_for(&mut index, a.source.thumb_size)?;
     let (pending, _) = collect_items(&a.source, run.image_config().frames.is_some())?;
     check_sources(&run, &pending)?;
     let before = index.len();
@@ -678,14 +730,14 @@ fn add(ctx: &Ctx, a: AddArgs) -> Result<()> {
         );
     }
     let pending = relative_to_root(pending, index.root());
-    let bad = embed_into(ctx, &run, &mut index, pending, &a.source)?;
-    report_bad(&bad);
-    println!(
+    let bad = embed_into(ctx, &run, &mut index, pending, &a.source, thumb_size)?;
+    report_bad(&bad)?;
+    outln!(
         "added {} items to {} (now {})",
         index.len() - before,
         a.index.display(),
         index.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -707,20 +759,20 @@ fn relative_to_root(pending: Vec<Pending>, root: Option<&Path>) -> Vec<Pending> 
 fn remove(a: RemoveArgs) -> Result<()> {
     let mut index = Index::open(&a.index)?;
     let n = index.remove(&a.ids)?;
-    println!(
+    outln!(
         "removed {n} items from {} (now {})",
         a.index.display(),
         index.len()
-    );
+    )?;
     Ok(())
 }
 
 fn info(a: InfoArgs) -> Result<()> {
     let index = Index::open(&a.index)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&index.info())?);
+        outln!("{}", serde_json::to_string_pretty(&index.info())?)?;
     } else {
-        println!("{}", index.info());
+        outln!("{}", index.info())?;
     }
     Ok(())
 }
@@ -728,7 +780,7 @@ fn info(a: InfoArgs) -> Result<()> {
 fn export(a: ExportArgs) -> Result<()> {
     let index = Index::open(&a.index)?;
     index.export_parquet(&a.parquet)?;
-    println!("wrote {} items to {}", index.len(), a.parquet.display());
+    outln!("wrote {} items to {}", index.len(), a.parquet.display())?;
     Ok(())
 }
 
@@ -774,16 +826,15 @@ fn search(ctx: &Ctx, a: IndexSearchArgs) -> Result<()> {
     let hits = index.search(&query, a.k, &opts)?;
     let took = t.elapsed();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&hits)?);
+        outln!("{}", serde_json::to_string_pretty(&hits)?)?;
         return Ok(());
     }
-    println!(
-        "top {} of {} items ({:?}, {:.2} ms):",
+    outln!(
+        "top {} of {} items ({mode}, {:.2} ms):",
         hits.len(),
         index.len(),
-        mode,
         took.as_secs_f64() * 1e3
-    );
+    )?;
     for (rank, h) in hits.iter().enumerate() {
         let item = &index.items()[h.row];
         let label = item
@@ -792,7 +843,7 @@ fn search(ctx: &Ctx, a: IndexSearchArgs) -> Result<()> {
             .map(|c| format!("  \"{c}\""))
             .unwrap_or_default();
         let path = item.path.as_deref().unwrap_or("");
-        println!("{:>3}. {:.4}  {}  {path}{label}", rank + 1, h.score, h.id);
+        outln!("{:>3}. {:.4}  {}  {path}{label}", rank + 1, h.score, h.id)?;
     }
     Ok(())
 }

@@ -5,8 +5,20 @@
 //! before any work starts, the work lives in the library crates, and an error
 //! prints its whole chain and exits non-zero.
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// `println!` that hands the write error back instead of panicking, so that
+/// a reader that goes away (`cots index search ... | head -1`) ends the
+/// command quietly: `main` treats a broken pipe as a normal end.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
 
 mod commands;
 mod demo_video;
@@ -84,6 +96,10 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.quiet);
     if let Err(err) = run(cli) {
+        if is_broken_pipe(&err) {
+            // Whoever read the results has all they wanted: not an error.
+            std::process::exit(0);
+        }
         eprintln!("error: {err}");
         for cause in err.chain().skip(1) {
             eprintln!("  caused by: {cause}");
@@ -92,13 +108,27 @@ fn main() {
     }
 }
 
+/// Whether `err` is a write to a closed pipe (the reader of our standard
+/// output exited).
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour codes only for a person at a terminal: redirected to a file or
+    // a pipe, the log must stay plain text. (Any file writer added later
+    // must keep `with_ansi(false)`.)
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
@@ -123,5 +153,34 @@ fn run(cli: Cli) -> Result<()> {
         Command::BuildEmojiVideo(a) => emoji::build_emoji_video(ctx.quiet, a),
         Command::Index(a) => index_cmd::index(&ctx, a),
         Command::Serve(a) => serve_cmd::serve(&ctx, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand, with the subcommand's path.
+    fn all_args(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for a in cmd.get_arguments() {
+            out.push((path.to_string(), a.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            all_args(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_of_every_subcommand_has_help_text() {
+        let cmd = super::Cli::command();
+        let mut args = Vec::new();
+        all_args(&cmd, "cots", &mut args);
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| !["help", "version"].contains(&a.get_id().as_str()))
+            .filter(|(_, a)| a.get_help().is_none_or(|h| h.to_string().trim().is_empty()))
+            .map(|(path, a)| format!("{path} --{}", a.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "flags without help text: {missing:#?}");
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use cots_index::Index;
 use cots_serve::encoder::RunEncoder;
-use cots_serve::{AppState, BatchConfig, Config, Limits};
+use cots_serve::{AppState, BatchConfig, Config, ConnectionLimits, Limits};
 use cots_train::inference::Run;
 
 use crate::commands::Ctx;
@@ -50,6 +50,30 @@ pub struct ServeArgs {
     /// The largest image upload, in MiB.
     #[arg(long, default_value_t = 16)]
     pub max_upload_mib: usize,
+    /// The most pixels (width x height, read from the header before
+    /// decoding) of an uploaded image; larger ones get 413. With the
+    /// blocking-pool size this bounds the memory of the decodes in flight.
+    #[arg(long, default_value_t = Limits::default().max_image_pixels)]
+    pub max_image_pixels: u64,
+    /// Seconds a connection may take to send a complete request head (and
+    /// may wait between requests on a kept-alive connection).
+    #[arg(long, default_value_t = ConnectionLimits::default().header_read_timeout.as_secs_f64())]
+    pub header_timeout_s: f64,
+    /// Seconds a connection may move no byte while none of its requests is
+    /// being answered.
+    #[arg(long, default_value_t = ConnectionLimits::default().idle_timeout.as_secs_f64())]
+    pub idle_timeout_s: f64,
+    /// Open connections at most; those beyond get 503 and are closed.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+}
+
+/// `secs` as a positive duration, or an error naming `flag`.
+fn seconds(flag: &str, secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("{flag} must be a positive number of seconds; got {secs}");
+    }
+    Duration::try_from_secs_f64(secs).with_context(|| format!("{flag}: {secs} s"))
 }
 
 /// The token from `--token-file` or COTS_TOKEN, trimmed.
@@ -99,6 +123,17 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    if a.max_image_pixels == 0 {
+        bail!("--max-image-pixels must be at least 1");
+    }
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let connections = ConnectionLimits {
+        header_read_timeout: seconds("--header-timeout-s", a.header_timeout_s)?,
+        idle_timeout: seconds("--idle-timeout-s", a.idle_timeout_s)?,
+        max_connections: a.max_connections,
+    };
     let token = token(&a)?;
     let index = Index::open(&a.index)
         .with_context(|| format!("opening the index {}", a.index.display()))?;
@@ -115,8 +150,10 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<()> {
         limits: Limits {
             max_k: a.max_k,
             max_upload_bytes: a.max_upload_mib.max(1) << 20,
+            max_image_pixels: a.max_image_pixels,
             ..Limits::default()
         },
+        connections,
         allow_model_mismatch: a.allow_model_mismatch,
     };
     let (items, dim) = (index.len(), index.dim());

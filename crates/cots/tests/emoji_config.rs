@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use cots_train::config::RunConfig;
+use cots_train::config::{DataKind, RunConfig};
 
 #[test]
 fn emoji_config_trains_on_the_manifest_at_64_px() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/emoji.toml");
     let cfg = RunConfig::load(&path).unwrap();
-    assert_eq!(cfg.data.kind, "manifest");
+    assert_eq!(cfg.data.kind, DataKind::Manifest);
     assert_eq!(
         cfg.data.path.as_deref(),
         Some(Path::new("data/emoji/manifest.jsonl"))
@@ -29,10 +29,10 @@ fn per_style_eval_configs_name_their_gallery() {
         PathBuf::from("data/emoji/test-google.jsonl"),
         PathBuf::from(r#"C:\odd "dir"\test-openmoji.jsonl"#),
     ] {
-        let text = cots_data::emoji::eval_config("google", &gallery);
+        let text = cots_datasets::emoji::eval_config("google", &gallery).unwrap();
         let cfg: RunConfig = toml::from_str(&text).unwrap();
         cfg.validate().unwrap();
-        assert_eq!(cfg.data.kind, "manifest");
+        assert_eq!(cfg.data.kind, DataKind::Manifest);
         assert_eq!(cfg.data.path.as_deref(), Some(gallery.as_path()));
     }
 }
@@ -52,7 +52,7 @@ fn emoji_video_configs_differ_only_in_the_temporal_head_and_frames() {
     let first = load("emoji-video-first.toml");
     for cfg in [&mean, &temporal, &first] {
         assert!(cfg.is_video());
-        assert_eq!(cfg.data.kind, "video_manifest");
+        assert_eq!(cfg.data.kind, DataKind::VideoManifest);
         assert_eq!(
             cfg.data.path.as_deref(),
             Some(Path::new("data/emoji-video/manifest.jsonl"))
@@ -85,9 +85,9 @@ fn emoji_video_configs_differ_only_in_the_temporal_head_and_frames() {
 #[test]
 fn the_video_eval_config_names_the_test_split() {
     let test = PathBuf::from("data/emoji-video/test.jsonl");
-    let text = cots_data::emoji_video::eval_config(&test);
+    let text = cots_datasets::emoji_video::eval_config(&test).unwrap();
     let cfg: RunConfig = toml::from_str(&text).unwrap();
     cfg.validate().unwrap();
-    assert_eq!(cfg.data.kind, "video_manifest");
+    assert_eq!(cfg.data.kind, DataKind::VideoManifest);
     assert_eq!(cfg.data.path.as_deref(), Some(test.as_path()));
 }

@@ -177,52 +177,53 @@ fn annotations(data: MsrvttJson, path: &Path) -> Result<Vec<Annotation>> {
     Ok(out)
 }
 
-/// Splits CSV text into records (RFC 4180: quoted fields, `""` escapes,
-/// newlines inside quotes), each with the 1-based line it starts on.
+/// Splits CSV text into records (RFC 4180 through the `csv` crate: quoted
+/// fields, `""` escapes, newlines inside quotes; blank lines skipped), each
+/// with the 1-based line it starts on.
+///
+/// The `csv` crate reads a quote that is never closed as running to the end
+/// of the input; such a file is refused here instead, since its last rows
+/// would silently become one field. A quoted field that is closed adds an
+/// even number of `"` characters, so an odd count means a quote was left
+/// open (or a stray one stands in an unquoted field, equally malformed).
 fn parse_csv(path: &Path, text: &str) -> Result<Vec<(usize, Vec<String>)>> {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    // The reader's own line count lags after a `\r\n` ending, so lines are
+    // counted here from each record's byte offset (past any line ending
+    // the offset still points at), incrementally.
+    let bytes = text.as_bytes();
+    let (mut seen, mut line) = (0usize, 1usize);
+    let mut line_at = |byte: u64| {
+        let mut b = (byte as usize).min(bytes.len());
+        while matches!(bytes.get(b), Some(b'\r' | b'\n')) {
+            b += 1;
+        }
+        if b > seen {
+            line += bytes[seen..b].iter().filter(|&&c| c == b'\n').count();
+            seen = b;
+        }
+        line
+    };
     let mut rows = Vec::new();
-    let (mut field, mut row) = (String::new(), Vec::new());
-    let (mut line, mut row_line) = (1usize, 1usize);
-    let mut quoted = false;
-    let mut chars = text.trim_start_matches('\u{feff}').chars().peekable();
-    while let Some(c) = chars.next() {
-        if quoted {
-            match c {
-                '"' if chars.peek() == Some(&'"') => {
-                    chars.next();
-                    field.push('"');
-                }
-                '"' => quoted = false,
-                '\n' => {
-                    line += 1;
-                    field.push('\n');
-                }
-                _ => field.push(c),
-            }
-            continue;
-        }
-        match c {
-            '"' if field.is_empty() => quoted = true,
-            ',' => row.push(std::mem::take(&mut field)),
-            '\r' => {}
-            '\n' => {
-                row.push(std::mem::take(&mut field));
-                if !(row.len() == 1 && row[0].is_empty()) {
-                    rows.push((row_line, std::mem::take(&mut row)));
-                }
-                row.clear();
-                line += 1;
-                row_line = line;
-            }
-            _ => field.push(c),
-        }
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(1, |p| p.line() as usize);
+            format_err(path, line, e.to_string())
+        })?;
+        let line = record.position().map_or(1, |p| line_at(p.byte()));
+        rows.push((line, record.iter().map(str::to_string).collect()));
     }
-    if quoted {
-        return Err(format_err(path, row_line, "a quoted field is never closed"));
-    }
-    if !field.is_empty() || !row.is_empty() {
-        row.push(field);
-        rows.push((row_line, row));
+    if text.bytes().filter(|&b| b == b'"').count() % 2 == 1 {
+        let line = rows.last().map_or(1, |r| r.0);
+        return Err(format_err(
+            path,
+            line,
+            "a quoted field is never closed (an odd number of `\"` in the file)",
+        ));
     }
     Ok(rows)
 }

@@ -229,9 +229,10 @@ fn captions(shape: Shape, colour: Colour, event: Event) -> Vec<String> {
 
 /// FNV-1a, 64 bit: a hash that never changes between Rust versions.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(s.as_bytes());
+    h.finish()
 }
 
 /// The embedded synthetic text-to-video set.

@@ -5,9 +5,9 @@ use std::io::BufReader;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cots_data::emoji_video::{self, Progress, VideoBuildOptions, ANIM_PACKAGES};
 use cots_data::video::msrvtt::{read_manifest, Split};
 use cots_data::video::{decode_frames, encode, DecodeOptions, MissingPolicy};
+use cots_datasets::emoji_video::{self, Progress, VideoBuildOptions, ANIM_PACKAGES};
 use image::{AnimationDecoder, RgbImage};
 
 fn write(path: &Path, bytes: &[u8]) {

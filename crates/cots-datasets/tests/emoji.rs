@@ -4,8 +4,8 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
-use cots_data::emoji::{self, BuildOptions, STYLES};
 use cots_data::{image_io, manifest, ImageSource, Split};
+use cots_datasets::emoji::{self, BuildOptions, STYLES};
 
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

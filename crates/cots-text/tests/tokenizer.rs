@@ -1,7 +1,7 @@
 //! WordPiece tokenizer behaviour: vocabulary from words, specials, padding,
 //! truncation, errors, and save/load round trips.
 
-use cots_encoders::tokenizer::TextTokenizer;
+use cots_text::TextTokenizer;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 

@@ -4,7 +4,7 @@
 //! About 1,950 base emoji concepts, each drawn in up to thirteen independent
 //! art styles, with CLDR names and keywords as text. `cargo xtask data emoji`
 //! downloads and verifies the packages; [`build`] turns the unpacked packages
-//! into a JSONL manifest ([`crate::manifest`]) and per-style test galleries.
+//! into a JSONL manifest ([`cots_data::manifest`]) and per-style test galleries.
 //!
 //! ## Sources, joined by codepoint
 //! - Concepts and text: `emojibase-data` (`en/data.json`: the CLDR `label`,
@@ -16,7 +16,7 @@
 //!   by `-`, with the variation selector `fe0f` removed.
 //! - Artwork: the [`STYLES`] table. Raster files (PNG, WebP) are composited
 //!   over white; SVG files and Iconify bodies are rendered with resvg through
-//!   [`crate::image_io`]. Iconify sets are matched through `chars.json`, then
+//!   [`cots_data::image_io`]. Iconify sets are matched through `chars.json`, then
 //!   by the slug of the label (`flag-for-…` for flags), then by the slugs of
 //!   the emoji-datasource short names; each icon serves one concept at most.
 //!
@@ -69,7 +69,7 @@ use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{image_io, Error, Result, Split};
+use cots_data::{image_io, Error, Result, Split};
 
 /// The npm package with the concepts, CLDR labels and keywords.
 pub const EMOJIBASE: &str = "emojibase-data";
@@ -657,11 +657,13 @@ pub fn family(c: &Concept) -> String {
     }
 }
 
-/// 64-bit FNV-1a: stable across runs, platforms and Rust versions.
+/// 64-bit FNV-1a (the `fnv` crate): stable across runs, platforms and Rust
+/// versions, so a family's split never moves.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// The split of a family, a function of its name alone: bracketed
@@ -967,19 +969,6 @@ pub fn style_inputs(
     Ok(out)
 }
 
-/// Composites RGBA over white.
-fn over_white(img: &image::RgbaImage) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let mut out = RgbImage::new(w, h);
-    for (o, p) in out.pixels_mut().zip(img.pixels()) {
-        let a = u32::from(p[3]);
-        for c in 0..3 {
-            o[c] = ((u32::from(p[c]) * a + 255 * (255 - a) + 127) / 255) as u8;
-        }
-    }
-    out
-}
-
 /// The image of an input at `size` x `size`, RGB over white. An image of one
 /// flat colour is an error: the artwork did not render.
 pub fn render(input: &Input, size: u32) -> Result<RgbImage> {
@@ -997,7 +986,10 @@ pub fn render(input: &Input, size: u32) -> Result<RgbImage> {
                 path: p.clone(),
                 message: e.to_string(),
             })?;
-            (over_white(&img.to_rgba8()), p)
+            (
+                image_io::composite(&img.to_rgba8(), image_io::Background::WHITE),
+                p,
+            )
         }
     };
     let out = image_io::resize_center_crop(&rgb, size as usize);
@@ -1021,11 +1013,10 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Writes `bytes` to `path` through a temporary name, so that no reader (and
 /// no later run) ever sees a half-written file.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    use std::io::Write;
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.commit().map_err(io_err(path))
 }
 
 fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
@@ -1397,7 +1388,7 @@ pub fn build(
         write_atomic(&gallery, text.as_bytes())?;
         write_atomic(
             &out.join(format!("eval-{}.toml", style.name)),
-            eval_config(style.name, &gallery).as_bytes(),
+            eval_config(style.name, &gallery)?.as_bytes(),
         )?;
     }
 
@@ -1449,16 +1440,15 @@ pub fn build(
 }
 
 /// A run config naming one style's test gallery, for `cots eval --data-config`.
-pub fn eval_config(style: &str, gallery: &Path) -> String {
-    let path = gallery
-        .display()
-        .to_string()
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
-    format!(
-        "# The {style} gallery of the emoji benchmark: one image per test concept.\n\
-         # cots eval --run <run> --data-config <this file>\n\
-         [data]\nkind = \"manifest\"\npath = \"{path}\"\n"
+pub fn eval_config(style: &str, gallery: &Path) -> Result<String> {
+    crate::data_config(
+        &format!(
+            "The {style} gallery of the emoji benchmark: one image per test concept.\n\
+             cots eval --run <run> --data-config <this file>"
+        ),
+        cots_train::config::DataKind::Manifest,
+        gallery,
+        None,
     )
 }
 
@@ -1856,12 +1846,17 @@ mod tests {
         let mut img = image::RgbaImage::new(2, 1);
         img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
         img.put_pixel(1, 0, image::Rgba([0, 0, 0, 255]));
-        let rgb = over_white(&img);
+        let rgb = image_io::composite(&img, image_io::Background::WHITE);
         assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(rgb.get_pixel(1, 0).0, [0, 0, 0]);
         let mut half = image::RgbaImage::new(1, 1);
         half.put_pixel(0, 0, image::Rgba([0, 0, 0, 128]));
         // 255 * (1 - 128/255) = 127.
-        assert_eq!(over_white(&half).get_pixel(0, 0).0, [127, 127, 127]);
+        assert_eq!(
+            image_io::composite(&half, image_io::Background::WHITE)
+                .get_pixel(0, 0)
+                .0,
+            [127, 127, 127]
+        );
     }
 }

@@ -15,7 +15,7 @@
 //! and cut to at most [`VideoBuildOptions::max_frames`] evenly spaced frames
 //! ([`keep_indices`]: frame `floor(i F / k)` for `i < k`, so the first frame
 //! is always kept), then written as a small lossless animated WebP
-//! ([`crate::video::encode::write_webp`]) whose frame delay keeps the
+//! ([`cots_data::video::encode::write_webp`]) whose frame delay keeps the
 //! original duration. A file that is not animated (one frame: many of the
 //! packages' files are stills) is left out and counted in
 //! [`VideoStats::stills`]; a file that cannot be decoded, holds no frame or
@@ -55,9 +55,9 @@ use crate::emoji::{
     self, io_err, package_version, plan, read_integrity, split_name, write_atomic, PackageStats,
     Planned, SplitCounts, TextSources, DATASOURCE, EMOJIBASE, OPENMOJI, TEXT_SOURCES,
 };
-use crate::video::decode::{count_webp_frames, fit_rgba};
-use crate::video::{self, DecodeOptions};
-use crate::{Error, Result, Split};
+use cots_data::video::decode::{count_webp_frames, fit_rgba};
+use cots_data::video::{self, DecodeOptions};
+use cots_data::{Error, Result, Split};
 
 /// The npm packages of the animations, searched in this order (a key found
 /// in an earlier package wins).
@@ -471,7 +471,7 @@ pub fn build(
     write_atomic(&test_path, test.as_bytes())?;
     write_atomic(
         &out.join("eval-test.toml"),
-        eval_config(&test_path).as_bytes(),
+        eval_config(&test_path)?.as_bytes(),
     )?;
 
     let integrity = read_integrity(packages)?;
@@ -513,18 +513,15 @@ pub fn build(
 }
 
 /// A run config naming the test split, for `cots eval --data-config`.
-pub fn eval_config(test: &Path) -> String {
-    let path = test
-        .display()
-        .to_string()
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
-    format!(
-        "# The test split of the animated emoji benchmark: one video per unseen test concept.\n\
-         # cots eval --run <video run> --data-config <this file>\n\
-         # The run's own [data.image] (frames, frame_sampling) decides what the model sees;\n\
-         # `frames` here only satisfies the check that video data names a frame count.\n\
-         [data]\nkind = \"video_manifest\"\npath = \"{path}\"\n\n[data.image]\nframes = 4\n"
+pub fn eval_config(test: &Path) -> Result<String> {
+    crate::data_config(
+        "The test split of the animated emoji benchmark: one video per unseen test concept.\n\
+         cots eval --run <video run> --data-config <this file>\n\
+         The run's own [data.image] (frames, frame_sampling) decides what the model sees;\n\
+         `frames` here only satisfies the check that video data names a frame count.",
+        cots_train::config::DataKind::VideoManifest,
+        test,
+        Some(4),
     )
 }
 
