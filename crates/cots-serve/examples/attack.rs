@@ -62,10 +62,10 @@ fn unit(v: [f32; 3]) -> [f32; 3] {
 }
 
 impl QueryEncoder for MeanColour {
-    fn embed_texts(&self, texts: &[String]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
         Ok(texts.iter().flat_map(|_| unit([1.0; 3])).collect())
     }
-    fn embed_images(&self, images: &[RgbImage]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_images(&self, images: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
         Ok(images
             .iter()
             .flat_map(|img| {

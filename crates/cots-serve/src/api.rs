@@ -383,7 +383,9 @@ impl AppState {
         let (encoder, metrics) = (self.0.encoder.clone(), self.0.metrics.clone());
         self.blocking(move || {
             metrics.observe_batch(1);
-            encoder.embed_texts(&[text]).map_err(ApiError::from)
+            encoder
+                .embed_texts(&[text])
+                .map_err(|e| ApiError::from(Error::from(e)))
         })
         .await
     }
@@ -649,7 +651,9 @@ impl AppState {
                             "could not read the image ({e}); send a PNG, JPEG, WebP, GIF or SVG"
                         ))
                     })?;
-            encoder.embed_images(&[img]).map_err(ApiError::from)
+            encoder
+                .embed_images(&[img])
+                .map_err(|e| ApiError::from(Error::from(e)))
         })
         .await
     }

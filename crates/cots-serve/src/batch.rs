@@ -318,7 +318,7 @@ mod tests {
     }
 
     impl QueryEncoder for Mock {
-        fn embed_texts(&self, texts: &[String]) -> Result<Vec<f32>> {
+        fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
             self.calls.lock().unwrap().push(texts.len());
             *self.entered.lock().unwrap() += 1;
             self.entered_cv.notify_all();
@@ -332,7 +332,7 @@ mod tests {
             }
             Ok(texts.iter().flat_map(|t| Mock::vector(t)).collect())
         }
-        fn embed_images(&self, _: &[RgbImage]) -> Result<Vec<f32>> {
+        fn embed_images(&self, _: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
             unreachable!("text only")
         }
         fn dim(&self) -> usize {
@@ -528,10 +528,10 @@ mod grouping {
 
     struct Ones;
     impl QueryEncoder for Ones {
-        fn embed_texts(&self, texts: &[String]) -> Result<Vec<f32>> {
+        fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
             Ok(texts.iter().flat_map(|t| [t.len() as f32, 1.0]).collect())
         }
-        fn embed_images(&self, _: &[RgbImage]) -> Result<Vec<f32>> {
+        fn embed_images(&self, _: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
             unreachable!("text only")
         }
         fn dim(&self) -> usize {

@@ -96,6 +96,15 @@ pub enum Error {
 /// The result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl From<cots_infer::Error> for Error {
+    fn from(e: cots_infer::Error) -> Self {
+        Error::Encode {
+            what: e.what,
+            message: e.message,
+        }
+    }
+}
+
 impl Error {
     /// The same failure again, for each of the queries of a failed batch.
     fn duplicate(&self) -> Error {

@@ -16,10 +16,10 @@ use super::*;
 struct Fixed;
 
 impl QueryEncoder for Fixed {
-    fn embed_texts(&self, texts: &[String]) -> Result<Vec<f32>> {
+    fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
         Ok(texts.iter().flat_map(|_| [1.0, 0.0]).collect())
     }
-    fn embed_images(&self, images: &[RgbImage]) -> Result<Vec<f32>> {
+    fn embed_images(&self, images: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
         Ok(images.iter().flat_map(|_| [0.0, 1.0]).collect())
     }
     fn dim(&self) -> usize {

@@ -534,12 +534,12 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
 
 #[test]
 fn a_run_that_did_not_build_the_index_is_refused_unless_allowed() {
-    struct Other(cots_serve::encoder::RunEncoder);
+    struct Other(cots_train::query::RunEncoder);
     impl QueryEncoder for Other {
-        fn embed_texts(&self, t: &[String]) -> cots_serve::Result<Vec<f32>> {
+        fn embed_texts(&self, t: &[String]) -> cots_infer::Result<Vec<f32>> {
             self.0.embed_texts(t)
         }
-        fn embed_images(&self, i: &[image::RgbImage]) -> cots_serve::Result<Vec<f32>> {
+        fn embed_images(&self, i: &[image::RgbImage]) -> cots_infer::Result<Vec<f32>> {
             self.0.embed_images(i)
         }
         fn dim(&self) -> usize {

@@ -69,10 +69,10 @@ impl Drop for OpenOnDrop {
 }
 
 impl QueryEncoder for Probe {
-    fn embed_texts(&self, texts: &[String]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
         Ok(texts.iter().flat_map(|_| [1.0, 0.0]).collect())
     }
-    fn embed_images(&self, images: &[RgbImage]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_images(&self, images: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
         self.images_entered.fetch_add(1, Ordering::SeqCst);
         let mut open = self.open.lock().unwrap();
         while !*open {

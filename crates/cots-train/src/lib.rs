@@ -27,6 +27,7 @@ pub mod inference;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod query;
 pub mod schedule;
 pub mod tokenizer_train;
 pub mod trainer;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use cots_index::Index;
-use cots_serve::encoder::RunEncoder;
 use cots_serve::{AppState, BatchConfig, Config, ConnectionLimits, Limits};
 use cots_train::inference::Run;
+use cots_train::query::RunEncoder;
 
 use crate::commands::Ctx;
 

@@ -17,10 +17,10 @@ use candle_core::Device;
 use cots_data::synthetic;
 use cots_data::ImageSource;
 use cots_index::{Index, Item, ItemKind, Model};
-use cots_serve::encoder::RunEncoder;
 use cots_serve::QueryEncoder;
 use cots_train::config::RunConfig;
 use cots_train::inference::Run;
+use cots_train::query::RunEncoder;
 use cots_train::trainer::Trainer;
 use image::RgbImage;
 use rand::SeedableRng;
@@ -270,13 +270,13 @@ impl<E: QueryEncoder> Gated<E> {
 }
 
 impl<E: QueryEncoder> QueryEncoder for Gated<E> {
-    fn embed_texts(&self, texts: &[String]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
         self.calls.lock().unwrap().push(texts.len());
         *self.entered.lock().unwrap() += 1;
         self.wait();
         self.inner.embed_texts(texts)
     }
-    fn embed_images(&self, images: &[RgbImage]) -> cots_serve::Result<Vec<f32>> {
+    fn embed_images(&self, images: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
         self.inner.embed_images(images)
     }
     fn dim(&self) -> usize {
