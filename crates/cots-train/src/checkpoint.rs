@@ -396,24 +396,18 @@ pub fn strip(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String,
 pub fn weights_hash(tensors: &HashMap<String, Tensor>) -> Result<String> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = fnv::FnvHasher::default();
     for n in names {
-        eat(n.as_bytes());
+        std::hash::Hasher::write(&mut h, n.as_bytes());
         let v: Vec<f32> = tensors[n]
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
         for x in v {
-            eat(&x.to_le_bytes());
+            std::hash::Hasher::write(&mut h, &x.to_le_bytes());
         }
     }
-    Ok(format!("{h:016x}"))
+    Ok(format!("{:016x}", std::hash::Hasher::finish(&h)))
 }
 
 #[cfg(test)]
@@ -592,6 +586,26 @@ mod tests {
             .filter(|(a, b)| a.to_bits() != b.as_f64().unwrap().to_bits())
             .count();
         assert_eq!(bad, 0);
+    }
+
+    #[test]
+    fn hash_is_fnv1a_over_sorted_names_and_bytes() {
+        // The value is stored in indexes, so it must never change: compare
+        // with FNV-1a written out byte by byte.
+        let t = tensors(1.25);
+        let mut names: Vec<&String> = t.keys().collect();
+        names.sort();
+        let mut bytes = Vec::new();
+        for n in names {
+            bytes.extend_from_slice(n.as_bytes());
+            for x in t[n].flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let want = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        assert_eq!(weights_hash(&t).unwrap(), format!("{want:016x}"));
     }
 
     #[test]
