@@ -730,3 +730,59 @@ async fn connections_beyond_the_cap_are_refused_and_slots_come_back() {
         .unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+/// An encoder trained against a blue background: it records the first
+/// pixel of every image it is given.
+struct Backdrop {
+    seen: Mutex<Vec<[u8; 3]>>,
+}
+
+impl QueryEncoder for Backdrop {
+    fn embed_texts(&self, texts: &[String]) -> cots_infer::Result<Vec<f32>> {
+        Ok(texts.iter().flat_map(|_| [1.0, 0.0]).collect())
+    }
+    fn embed_images(&self, images: &[RgbImage]) -> cots_infer::Result<Vec<f32>> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(images.iter().map(|i| i.get_pixel(0, 0).0));
+        Ok(images.iter().flat_map(|_| [0.0, 1.0]).collect())
+    }
+    fn dim(&self) -> usize {
+        2
+    }
+    fn weights_hash(&self) -> &str {
+        "probe"
+    }
+    fn describe(&self) -> String {
+        "backdrop".into()
+    }
+    fn background(&self) -> cots_data::image_io::Background {
+        cots_data::image_io::Background([0, 0, 255])
+    }
+}
+
+/// A transparent upload is composited over the served model's background
+/// (the colour it was trained against), not over white and not with the
+/// hidden colour of its transparent pixels.
+#[tokio::test]
+async fn uploads_are_composited_over_the_models_background() {
+    let g = gallery_with(&[]);
+    let encoder = Arc::new(Backdrop {
+        seen: Mutex::new(Vec::new()),
+    });
+    let state = AppState::new(
+        Index::open(&g.index_dir()).unwrap(),
+        encoder.clone(),
+        Config::default(),
+    )
+    .unwrap();
+    let app = cots_serve::router(state);
+    // Fully transparent pixels whose hidden colour is red.
+    let mut out = Cursor::new(Vec::new());
+    image::RgbaImage::from_pixel(16, 16, image::Rgba([255, 0, 0, 0]))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    let (ct, body) = multipart(&[("image", Some("clear.png"), out.get_ref())]);
+    let r = post_raw(&app, "/api/search/image", &ct, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(*encoder.seen.lock().unwrap(), [[0, 0, 255]]);
+}
