@@ -570,6 +570,21 @@ async fn start(
     (s, addr, stop, server)
 }
 
+/// Stops a server from [`start`] and waits, within the bound, for it to
+/// end cleanly; `what` says what a hang means.
+async fn shutdown(
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<cots_serve::Result<()>>,
+    what: &str,
+) {
+    stop.send(()).unwrap();
+    tokio::time::timeout(BOUND, server)
+        .await
+        .expect(what)
+        .unwrap()
+        .unwrap();
+}
+
 /// Reads until the server closes the connection (end of stream or reset),
 /// within the bound; returns what it sent first. Panics if the connection
 /// is still open at the bound.
@@ -643,12 +658,7 @@ async fn silent_and_half_sent_connections_are_closed_after_the_header_timeout() 
 
     // Ordinary requests are untouched.
     assert!(healthz(addr).await.starts_with("HTTP/1.1 200"));
-    stop.send(()).unwrap();
-    tokio::time::timeout(BOUND, server)
-        .await
-        .expect("the server did not stop")
-        .unwrap()
-        .unwrap();
+    shutdown(stop, server, "the server did not stop").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,12 +687,7 @@ async fn a_connection_that_moves_no_byte_is_closed_after_the_idle_timeout() {
     )
     .await
     .expect("the metrics never counted the idle close");
-    stop.send(()).unwrap();
-    tokio::time::timeout(BOUND, server)
-        .await
-        .expect("the server did not stop")
-        .unwrap()
-        .unwrap();
+    shutdown(stop, server, "the server did not stop").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -722,12 +727,12 @@ async fn connections_beyond_the_cap_are_refused_and_slots_come_back() {
     assert!(healthz(addr).await.starts_with("HTTP/1.1 200"));
 
     // Shutting down closes the idle connection that is left.
-    stop.send(()).unwrap();
-    tokio::time::timeout(BOUND, server)
-        .await
-        .expect("the server did not stop with an idle connection open")
-        .unwrap()
-        .unwrap();
+    shutdown(
+        stop,
+        server,
+        "the server did not stop with an idle connection open",
+    )
+    .await;
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
