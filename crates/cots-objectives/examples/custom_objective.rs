@@ -9,7 +9,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use cots_objectives::{build, Dims, LossTerm, Needs, Objective, ObjectivesConfig, StepInputs};
+use cots_objectives::{build, Dims, LossTerm, Needs, Objective, ObjectivesConfig, StepFeatures};
 
 /// `align = mean_i |f_i - t_i|^2`, `uniform = log mean_{i != j} exp(-t |x_i - x_j|^2)`
 /// averaged over both modalities.
@@ -39,12 +39,13 @@ impl Objective for AlignUniform {
         Needs::default()
     }
 
-    fn losses(&mut self, x: &StepInputs) -> cots_objectives::Result<Vec<LossTerm>> {
-        let align = (x.image_embed - x.text_embed)?
+    fn losses(&mut self, x: &StepFeatures) -> cots_objectives::Result<Vec<LossTerm>> {
+        let align = (&x.image_embed - &x.text_embed)?
             .sqr()?
             .sum(D::Minus1)?
             .mean_all()?;
-        let uniform = ((self.uniformity(x.image_embed)? + self.uniformity(x.text_embed)?)? * 0.5)?;
+        let uniform =
+            ((self.uniformity(&x.image_embed)? + self.uniformity(&x.text_embed)?)? * 0.5)?;
         Ok(vec![
             LossTerm::new("align", align),
             LossTerm::new("uniform", uniform),
@@ -95,21 +96,11 @@ fn main() -> Result<()> {
     for step in 0..5 {
         let f = l2_normalize(&image_tower.forward(&images)?)?;
         let t = l2_normalize(&text_tower.forward(&texts)?)?;
-        let x = StepInputs {
-            image_embed: &f,
-            text_embed: &t,
-            image_embed_m: None,
-            text_embed_m: None,
-            image_ids: &ids,
-            temperature: &tau,
-            pair_weights: None,
-            mlm: None,
-            mvm: None,
-            itm: None,
-        };
+        let x = StepFeatures::new(f, t, ids.clone(), tau.clone());
         let losses = objectives.losses(&x)?;
+        let kept = x.detached()?;
         opt.backward_step(&losses.total)?;
-        objectives.after_step(&x)?;
+        objectives.after_step(&kept)?;
         let terms: Vec<String> = losses
             .terms
             .iter()

@@ -35,7 +35,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::{weighted_mean, Error, LossTerm, Needs, Objective, ObjectiveState, Result, StepInputs};
+use crate::{
+    weighted_mean, Error, LossTerm, Needs, Objective, ObjectiveState, Result, StepFeatures,
+};
 
 /// Settings of the bimodal-negative contrastive objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,8 +243,8 @@ impl Objective for Bimodal {
         Needs::default()
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let (f, t) = (x.image_embed, x.text_embed);
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let (f, t) = (&x.image_embed, &x.text_embed);
         let ids = x.image_ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         if ids.len() != f.dim(0)? || t.dim(0)? != f.dim(0)? {
             return Err(Error::BadInput {
@@ -263,19 +265,20 @@ impl Objective for Bimodal {
                 (p, q, qids.as_slice())
             })
         };
-        let i2t = self.direction(f, t, &ids, as_parts(false), x.temperature)?;
-        let t2i = self.direction(t, f, &ids, as_parts(true), x.temperature)?;
+        let i2t = self.direction(f, t, &ids, as_parts(false), &x.temperature)?;
+        let t2i = self.direction(t, f, &ids, as_parts(true), &x.temperature)?;
+        let w = x.pair_weights();
         Ok(vec![
-            LossTerm::new("bimodal_i2t", weighted_mean(&i2t, x.pair_weights)?),
-            LossTerm::new("bimodal_t2i", weighted_mean(&t2i, x.pair_weights)?),
+            LossTerm::new("bimodal_i2t", weighted_mean(&i2t, w)?),
+            LossTerm::new("bimodal_t2i", weighted_mean(&t2i, w)?),
         ])
     }
 
-    fn after_step(&mut self, x: &StepInputs) -> Result<()> {
+    fn after_step(&mut self, x: &StepFeatures) -> Result<()> {
         if self.cfg.queue_size > 0 {
             let ids = x.image_ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
             self.queue
-                .push(x.image_embed, x.text_embed, ids, self.cfg.queue_size);
+                .push(&x.image_embed, &x.text_embed, ids, self.cfg.queue_size);
         }
         Ok(())
     }

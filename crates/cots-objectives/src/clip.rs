@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::{weighted_mean, LossTerm, Needs, Objective, Result, StepInputs};
+use crate::{weighted_mean, LossTerm, Needs, Objective, Result, StepFeatures};
 
 /// Settings of the in-batch contrastive objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,15 +74,15 @@ impl Objective for Clip {
         Needs::default()
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let (f, t) = (x.image_embed, x.text_embed);
-        let logits = f.matmul(&t.t()?)?.broadcast_div(x.temperature)?;
-        let mask = same_pair_mask(x.image_ids, self.cfg.use_ids, f.dtype())?;
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let (f, t) = (&x.image_embed, &x.text_embed);
+        let logits = f.matmul(&t.t()?)?.broadcast_div(&x.temperature)?;
+        let mask = same_pair_mask(&x.image_ids, self.cfg.use_ids, f.dtype())?;
         let i2t = soft_ce(&logits, &mask)?;
         let t2i = soft_ce(&logits.t()?, &mask)?;
         Ok(vec![
-            LossTerm::new("clip_i2t", weighted_mean(&i2t, x.pair_weights)?),
-            LossTerm::new("clip_t2i", weighted_mean(&t2i, x.pair_weights)?),
+            LossTerm::new("clip_i2t", weighted_mean(&i2t, x.pair_weights())?),
+            LossTerm::new("clip_t2i", weighted_mean(&t2i, x.pair_weights())?),
         ])
     }
 }

@@ -6,10 +6,10 @@
 //! step (so ITC and KL, which both read it, never enqueue twice), and gathers
 //! every objective's state under its name for checkpoints.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::amf::{AdaptiveMomentumFilter, AmfOutput};
-use crate::{Error, LossTerm, Needs, Objective, ObjectiveState, Result, SharedQueue, StepInputs};
+use crate::{Error, LossTerm, Needs, Objective, ObjectiveState, Result, SharedQueue, StepFeatures};
 
 /// Result of [`Objectives::losses`].
 #[derive(Clone, Debug)]
@@ -102,7 +102,8 @@ impl Objectives {
             .fold(own, |n, e| n.union(e.objective.needs()))
     }
 
-    /// Step 2: AMF weights from the momentum keys, `None` when AMF is off.
+    /// Step 2: AMF weights from the momentum keys, `None` when AMF is off;
+    /// the trainer puts them into [`crate::MomentumFeatures::pair_weights`].
     ///
     /// # Shapes
     /// - `image_embed_m`, `text_embed_m`: `[B, E]`; weights `[B]` f32.
@@ -118,7 +119,7 @@ impl Objectives {
     }
 
     /// Step 3: every term of every objective and their weighted total.
-    pub fn losses(&mut self, x: &StepInputs) -> Result<Losses> {
+    pub fn losses(&mut self, x: &StepFeatures) -> Result<Losses> {
         let mut total: Option<Tensor> = None;
         let mut terms = Vec::new();
         for e in &mut self.entries {
@@ -138,17 +139,23 @@ impl Objectives {
         Ok(Losses { total, terms })
     }
 
-    /// Step 6 (after backward, optimizer and EMA): each objective's
-    /// `after_step`, then the momentum keys of the kept pairs go into the
-    /// lockstep queue, once.
-    pub fn after_step(&mut self, x: &StepInputs) -> Result<()> {
+    /// Step 6 (after backward, optimizer and EMA), on
+    /// [`StepFeatures::detached`]: each objective's `after_step`, then the
+    /// momentum keys of the kept pairs go into the lockstep queue, once.
+    pub fn after_step(&mut self, x: &StepFeatures) -> Result<()> {
         for e in &mut self.entries {
             e.objective.after_step(x)?;
         }
         if let Some(q) = &self.queue {
-            let (f_m, t_m) = x.momentum("queue")?;
-            let w = x.pair_weights_host()?;
-            q.lock().enqueue(&f_m, &t_m, x.image_ids, w.as_deref())?;
+            let m = x.momentum("queue")?;
+            // The write pointer advances by the number of kept pairs, a host
+            // count, so this is the one place the weights are read back.
+            let w = match &m.pair_weights {
+                Some(w) => Some(w.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            q.lock()
+                .enqueue(&m.image, &m.text, &x.image_ids, w.as_deref())?;
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// An objective needs an input the trainer did not put in the [`crate::StepInputs`].
-    #[error("objective `{objective}` needs `{input}` in the step inputs, but the trainer did not provide it (check `Objectives::needs`)")]
+    /// An objective needs an input the trainer did not put in the [`crate::StepFeatures`].
+    #[error("objective `{objective}` needs `{input}` in the step features, but the trainer did not provide it (check `Objectives::needs`)")]
     MissingInput {
         objective: String,
         input: &'static str,

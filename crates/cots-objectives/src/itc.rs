@@ -12,12 +12,42 @@
 //! expressed as the queue `cat(batch keys, Q)` with ids `cat(batch ids, ids)`.
 //! The row's own key is then present twice (column 0 and its batch slot),
 //! both as positives; this differs from ALBEF only in that duplicate.
+//!
+//! `keys` (default `momentum`, the formula above) picks where the in-batch
+//! keys come from. `online`: the keys are the online embeddings of the other
+//! tower, with gradient, so both towers learn from both directions as in
+//! CLIP, and every pair of the batch is a candidate (same-id pairs are
+//! positives):
+//! `l_i = [f_i . t_1, ..., f_i . t_B, f_i . Q_T] / tau`; the queue's
+//! momentum keys are extra negatives only. `queue_negatives` (default
+//! `true`) can switch the queue part off: online keys without the queue are
+//! CLIP, momentum keys without the queue are in-batch momentum contrast
+//! (MoCo v3, which needs `in_batch_negatives`). These two options separate
+//! the two suspects behind ITC's gap to CLIP: keys without gradient from the
+//! momentum towers, and stale queue negatives.
+//! Measured on the demo model over three seeds in docs/results.md, section
+//! "Why ITC + queue loses to CLIP". Without `queue_negatives` the composition
+//! still keeps and fills the queue (ITC counts as a queue reader, and KL may
+//! read it), so the momentum towers still run.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, D};
 use cots_ops::queue::{queue_contrastive, PositiveIds};
 use serde::{Deserialize, Serialize};
 
-use crate::{weighted_mean, LossTerm, Needs, Objective, Result, SharedQueue, StepInputs};
+use crate::clip::same_pair_mask;
+use crate::queue::QueueView;
+use crate::{weighted_mean, Error, LossTerm, Needs, Objective, Result, SharedQueue, StepFeatures};
+
+/// Where the in-batch keys of the instance-level loss come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// The momentum (EMA) towers, detached: MoCo/ALBEF/COTS.
+    #[default]
+    Momentum,
+    /// The online towers, with gradient to both: CLIP's in-batch loss.
+    Online,
+}
 
 /// Settings of the instance-level contrastive objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,6 +58,28 @@ pub struct ItcConfig {
     pub in_batch_negatives: bool,
     /// Treat queue slots with the row's image id as positives.
     pub use_ids: bool,
+    /// Source of the in-batch keys (see the module doc).
+    pub keys: KeySource,
+    /// Use the lockstep queue's momentum keys as negatives.
+    pub queue_negatives: bool,
+}
+
+impl ItcConfig {
+    /// Rejects the one combination without any negative: momentum keys, no
+    /// in-batch negatives and no queue.
+    pub fn validate(&self) -> Result<()> {
+        if self.keys == KeySource::Momentum && !self.in_batch_negatives && !self.queue_negatives {
+            return Err(Error::Config(
+                "itc: momentum keys with `queue_negatives = false` need `in_batch_negatives = \
+                 true` (otherwise no row has a negative)"
+                    .into(),
+            ));
+        }
+        if !self.weight.is_finite() {
+            return Err(Error::Config(format!("itc: weight {}", self.weight)));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ItcConfig {
@@ -36,6 +88,8 @@ impl Default for ItcConfig {
             weight: 1.0,
             in_batch_negatives: false,
             use_ids: true,
+            keys: KeySource::Momentum,
+            queue_negatives: true,
         }
     }
 }
@@ -56,6 +110,98 @@ impl Itc {
     }
 }
 
+impl Itc {
+    /// The in-batch formulation (online keys, or no queue): the full logits
+    /// `[B, B (+ K)]` by ordinary ops, so that gradients reach the in-batch
+    /// keys too. At K = 4,096 and B = 32 the logits are 0.5 MB; the fused
+    /// op only pays off at ALBEF's 65,536 slots, where its keys are detached
+    /// anyway.
+    fn batch_losses(&self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let (f_k, t_k) = match self.cfg.keys {
+            KeySource::Online => (x.image_embed.clone(), x.text_embed.clone()),
+            KeySource::Momentum => {
+                let m = x.momentum(self.name())?;
+                (m.image.detach(), m.text.detach())
+            }
+        };
+        let queue = self.cfg.queue_negatives.then(|| self.queue.view());
+        let tau = &x.temperature;
+        let i2t = self.batch_side(
+            &x.image_embed,
+            &t_k,
+            queue.as_ref().map(|q| &q.text),
+            &x.image_ids,
+            queue.as_ref(),
+            tau,
+        )?;
+        let t2i = self.batch_side(
+            &x.text_embed,
+            &f_k,
+            queue.as_ref().map(|q| &q.image),
+            &x.image_ids,
+            queue.as_ref(),
+            tau,
+        )?;
+        let w = x.pair_weights();
+        Ok(vec![
+            LossTerm::new("itc_i2t", weighted_mean(&i2t, w)?),
+            LossTerm::new("itc_t2i", weighted_mean(&t2i, w)?),
+        ])
+    }
+
+    /// One direction: queries `q` against the batch keys `k` (every pair,
+    /// same-id pairs positive; only the own key when momentum keys come
+    /// without in-batch negatives) and the queue's keys of the other modality.
+    ///
+    /// # Shapes
+    /// - `q`, `k`: `[B, E]`; `queue_keys`: `[K, E]`; `ids`: `[B]`; returns `[B]`.
+    fn batch_side(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        queue_keys: Option<&Tensor>,
+        ids: &Tensor,
+        queue: Option<&QueueView>,
+        tau: &Tensor,
+    ) -> Result<Tensor> {
+        let dtype = q.dtype();
+        let all_pairs = self.cfg.keys == KeySource::Online || self.cfg.in_batch_negatives;
+        let (mut logits, mut mask) = if all_pairs {
+            (
+                vec![q.matmul(&k.t()?)?],
+                vec![same_pair_mask(ids, self.cfg.use_ids, dtype)?],
+            )
+        } else {
+            let b = q.dim(0)?;
+            (
+                vec![(q * k)?.sum_keepdim(D::Minus1)?],
+                vec![Tensor::ones((b, 1), dtype, q.device())?],
+            )
+        };
+        if let (Some(keys), Some(view)) = (queue_keys, queue) {
+            let keys = keys.to_dtype(dtype)?;
+            logits.push(q.matmul(&keys.t()?)?);
+            let b = q.dim(0)?;
+            let kk = keys.dim(0)?;
+            mask.push(if self.cfg.use_ids {
+                ids.to_dtype(DType::U32)?
+                    .reshape((b, 1))?
+                    .broadcast_eq(&view.ids.reshape((1, kk))?)?
+                    .to_dtype(dtype)?
+            } else {
+                Tensor::zeros((b, kk), dtype, q.device())?
+            });
+        }
+        let logits = Tensor::cat(&logits, 1)?.broadcast_div(tau)?;
+        let mask = Tensor::cat(&mask, 1)?;
+        // Soft-target cross-entropy: lse over all columns minus the mean of
+        // the positive columns (the same per-row loss as the fused op).
+        let lse = logits.log_sum_exp(D::Minus1)?;
+        let pos = ((&logits * &mask)?.sum(D::Minus1)? / mask.sum(D::Minus1)?)?;
+        Ok((lse - pos)?)
+    }
+}
+
 impl Objective for Itc {
     fn name(&self) -> &str {
         "itc"
@@ -63,13 +209,19 @@ impl Objective for Itc {
 
     fn needs(&self) -> Needs {
         Needs {
-            momentum: true,
+            // The queue's keys come from the momentum towers; the composition
+            // asks for them whenever a queue exists.
+            momentum: self.cfg.keys == KeySource::Momentum,
             ..Needs::default()
         }
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let (f_m, t_m) = x.momentum(self.name())?;
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        if self.cfg.keys == KeySource::Online || !self.cfg.queue_negatives {
+            return self.batch_losses(x);
+        }
+        let m = x.momentum(self.name())?;
+        let (f_m, t_m) = (m.image.detach(), m.text.detach());
         let q = self.queue.view();
         let (q_img, q_txt, q_ids) = if self.cfg.in_batch_negatives {
             let ids = x.image_ids.to_dtype(candle_core::DType::U32)?;
@@ -82,15 +234,16 @@ impl Objective for Itc {
             (q.image, q.text, q.ids)
         };
         let ids = self.cfg.use_ids.then_some(PositiveIds {
-            rows: x.image_ids,
+            rows: &x.image_ids,
             queue: &q_ids,
         });
-        let tau = x.temperature;
-        let i2t = queue_contrastive(x.image_embed, &t_m, &q_txt, ids, tau)?;
-        let t2i = queue_contrastive(x.text_embed, &f_m, &q_img, ids, tau)?;
+        let tau = &x.temperature;
+        let i2t = queue_contrastive(&x.image_embed, &t_m, &q_txt, ids, tau)?;
+        let t2i = queue_contrastive(&x.text_embed, &f_m, &q_img, ids, tau)?;
+        let w = x.pair_weights();
         Ok(vec![
-            LossTerm::new("itc_i2t", weighted_mean(&i2t.loss, x.pair_weights)?),
-            LossTerm::new("itc_t2i", weighted_mean(&t2i.loss, x.pair_weights)?),
+            LossTerm::new("itc_i2t", weighted_mean(&i2t.loss, w)?),
+            LossTerm::new("itc_t2i", weighted_mean(&t2i.loss, w)?),
         ])
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use cots_ops::nn::{RngState, SeededRng};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, LossTerm, Needs, Objective, Result, StepInputs};
+use crate::{Error, LossTerm, Needs, Objective, Result, StepFeatures};
 
 /// Settings of the matching objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,13 +52,10 @@ impl Objective for Itm {
         }
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let inp = x.itm.ok_or_else(|| Error::MissingInput {
-            objective: "itm".into(),
-            input: "itm",
-        })?;
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let inp = x.matching(self.name())?;
         let labels = inp.labels.to_dtype(DType::U32)?;
-        let loss = candle_nn::loss::cross_entropy(inp.logits, &labels)?;
+        let loss = candle_nn::loss::cross_entropy(&inp.logits, &labels)?;
         Ok(vec![LossTerm::new("itm", loss)])
     }
 }

@@ -14,7 +14,7 @@
 use cots_ops::queue::{queue_kl, KlDirection};
 use serde::{Deserialize, Serialize};
 
-use crate::{weighted_mean, LossTerm, Needs, Objective, Result, SharedQueue, StepInputs};
+use crate::{weighted_mean, LossTerm, Needs, Objective, Result, SharedQueue, StepFeatures};
 
 /// Settings of the task-level objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,10 +64,11 @@ impl Objective for Kl {
         }
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let (f_m, t_m) = x.momentum(self.name())?;
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let m = x.momentum(self.name())?;
+        let (f_m, t_m) = (m.image.detach(), m.text.detach());
         let q = self.queue.view();
-        let (f, t, tau) = (x.image_embed, x.text_embed, x.temperature);
+        let (f, t, tau) = (&x.image_embed, &x.text_embed, &x.temperature);
         let kl = |f: &_, t: &_, dir| queue_kl(f, &t_m, &q.text, t, &f_m, &q.image, tau, dir);
         let per_row = match (self.cfg.stop_grad_target, self.cfg.direction) {
             (false, dir) => kl(f, t, dir)?,
@@ -82,7 +83,7 @@ impl Objective for Kl {
         };
         Ok(vec![LossTerm::new(
             "kl",
-            weighted_mean(&per_row, x.pair_weights)?,
+            weighted_mean(&per_row, x.pair_weights())?,
         )])
     }
 }

@@ -15,12 +15,22 @@
 //! the heads, so the vocabulary projection costs `masked x vocab`, not
 //! `B x L x vocab`. Each position counts with its pair's AMF weight; the loss
 //! is normalised by the total weight of the counted positions.
+//!
+//! Nothing is read back to the host: the masked positions arrive as `[M]`
+//! index tensors that the trainer computed from its host-side masks when it
+//! built the batch ([`crate::MaskedText`], [`crate::MaskedImage`]), so a step
+//! is `index_select`s, the heads and a device-side normalisation. The pair of
+//! a position is `position / L` (or `/ N`), an integer division on the
+//! device. The builder guarantees the positions and targets are in range
+//! (candle's CPU backend reports an out-of-range index as an error; a GPU
+//! cannot check without a synchronisation). A batch with no masked position
+//! gives an exact zero that stays connected to the graph.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, LossTerm, Needs, Objective, Result, StepInputs};
+use crate::{weighted_mean, Error, LossTerm, Needs, Objective, Result, StepFeatures};
 
 /// Dimensions of the encoders the objectives are built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,30 +112,59 @@ impl Head {
     }
 }
 
-/// Weighted cross-entropy of gathered positions through a head.
+/// Weighted cross-entropy through a head of the gathered masked positions.
 ///
-/// `tokens` `[n, D]`, `context` `[n, E]`, `targets` and `weights` of length `n`.
+/// Runs on the device from end to end: the context of each position is the
+/// global feature of its pair (`rows`), its weight that pair's AMF weight,
+/// and the weighted sum is normalised by the clamped weight sum on the device.
+///
+/// # Shapes
+/// - `tokens`: `[M, D]`; `global`: `[B, E]`; `rows`, `targets`: `[M]` u32;
+///   `pair_weights`: `[B]`; returns a scalar. `M > 0`.
 fn head_loss(
     head: &Head,
     tokens: &Tensor,
-    context: &Tensor,
-    targets: Vec<u32>,
-    weights: Vec<f64>,
+    global: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
+    pair_weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let n = targets.len();
-    let dev = tokens.device();
     let dtype = tokens.dtype();
-    let logits = head.forward(&Tensor::cat(&[tokens, &context.to_dtype(dtype)?], 1)?)?;
+    let context = global.index_select(rows, 0)?.to_dtype(dtype)?;
+    let logits = head.forward(&Tensor::cat(&[tokens, &context], 1)?)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let nll = logp.gather(&targets, 1)?.squeeze(1)?.neg()?;
-    let total: f64 = weights.iter().sum();
-    let w = Tensor::from_vec(weights, n, dev)?.to_dtype(dtype)?;
-    Ok(((nll * w)?.sum_all()? / total.max(1e-12))?)
+    let nll = logp
+        .gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    let weights = match pair_weights {
+        Some(w) => Some(w.index_select(rows, 0)?),
+        None => None,
+    };
+    weighted_mean(&nll, weights.as_ref())
 }
 
-/// Positions to predict: `(flat row index, batch index, target)` plus weights.
-type Picked = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f64>);
+/// The loss of a step without masked positions: an exact zero (for finite
+/// inputs) that still depends on the masked pass and the global feature, so
+/// the graph stays connected and the step is a no-op for these terms.
+///
+/// The product with a zero tensor, not `* 0.0`: candle prunes a scaling by
+/// the constant 0 from the backward graph.
+fn empty_loss(hidden: &Tensor, global: &Tensor) -> Result<Tensor> {
+    let sum = (hidden.sum_all()? + global.sum_all()?.to_dtype(hidden.dtype())?)?;
+    let zero = Tensor::zeros((), sum.dtype(), sum.device())?;
+    Ok(sum.mul(&zero)?)
+}
+
+/// `positions / per_row` on the device (integer division): the batch row of
+/// each flat position.
+///
+/// # Shapes
+/// - `positions`: `[M]` u32; returns `[M]` u32.
+fn row_of(positions: &Tensor, per_row: usize) -> Result<Tensor> {
+    let divisor = Tensor::new(per_row as u32, positions.device())?;
+    Ok(positions.broadcast_div(&divisor)?)
+}
 
 fn bad(input: &'static str, message: String) -> Error {
     Error::BadInput {
@@ -133,6 +172,17 @@ fn bad(input: &'static str, message: String) -> Error {
         input,
         message,
     }
+}
+
+/// `[M]` positions as u32, or a [`Error::BadInput`] when not a vector.
+fn positions_u32(positions: &Tensor, input: &'static str) -> Result<(Tensor, usize)> {
+    let m = positions.dims1().map_err(|_| {
+        bad(
+            input,
+            format!("positions must be a vector [M], got {:?}", positions.dims()),
+        )
+    })?;
+    Ok((positions.to_dtype(DType::U32)?, m))
 }
 
 /// The MLM and MVM heads; trainable, scoped under `mlm_head` / `mvm_head`.
@@ -175,133 +225,96 @@ impl Mvlm {
         })
     }
 
-    fn zero(x: &StepInputs) -> Result<Tensor> {
-        Ok(Tensor::zeros(
-            (),
-            x.image_embed.dtype(),
-            x.image_embed.device(),
-        )?)
-    }
-
-    fn mlm_loss(&self, head: &Head, x: &StepInputs) -> Result<Tensor> {
-        let inp = x.mlm.ok_or_else(|| Error::MissingInput {
-            objective: "mvlm".into(),
-            input: "mlm",
-        })?;
+    /// MLM: gathers the masked tokens' hidden rows (positions index the
+    /// `[B * L, Dt]` flattening), their pairs' image embeddings (row
+    /// `position / L`, divided on the device) and targets.
+    fn mlm_loss(&self, head: &Head, x: &StepFeatures) -> Result<Tensor> {
+        let inp = x.masked_text(self.name())?;
         let (b, l, dt) = inp.hidden.dims3()?;
-        if inp.labels.dims() != [b, l] || dt != self.dims.text_hidden {
+        let (positions, m) = positions_u32(&inp.positions, "masked_text.positions")?;
+        if b != x.batch_size()?
+            || dt != self.dims.text_hidden
+            || inp.targets.dims() != [m]
+            || (l == 0 && m > 0)
+        {
             return Err(bad(
-                "mlm",
+                "masked_text",
                 format!(
-                    "hidden {:?} and labels {:?} must be [B, L, {}] and [B, L]",
+                    "hidden {:?}, positions {:?} and targets {:?} must be [{}, L, {}], [M] and [M]",
                     inp.hidden.dims(),
-                    inp.labels.dims(),
+                    inp.positions.dims(),
+                    inp.targets.dims(),
+                    x.batch_size()?,
                     self.dims.text_hidden
                 ),
             ));
         }
-        let labels = inp.labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-        let pw = x.pair_weights_host()?;
-        let mut picked: Picked = Default::default();
-        for (bi, row) in labels.iter().enumerate() {
-            let w = pw.as_ref().map_or(1.0, |w| w[bi] as f64);
-            for (li, &label) in row.iter().enumerate() {
-                // Negative labels (-100 by convention) mark unmasked tokens.
-                if label < 0 || w <= 0.0 {
-                    continue;
-                }
-                if label as usize >= self.dims.vocab {
-                    return Err(bad(
-                        "mlm.labels",
-                        format!(
-                            "label {label} at ({bi}, {li}) is outside the vocabulary of {}",
-                            self.dims.vocab
-                        ),
-                    ));
-                }
-                picked.0.push((bi * l + li) as u32);
-                picked.1.push(bi as u32);
-                picked.2.push(label as u32);
-                picked.3.push(w);
-            }
+        if m == 0 {
+            return empty_loss(&inp.hidden, &x.image_embed);
         }
-        if picked.0.is_empty() {
-            return Self::zero(x);
-        }
-        let dev = inp.hidden.device();
-        let n = picked.0.len();
         let tokens = inp
             .hidden
             .reshape((b * l, dt))?
-            .index_select(&Tensor::from_vec(picked.0, n, dev)?, 0)?;
-        let context = x
-            .image_embed
-            .index_select(&Tensor::from_vec(picked.1, n, dev)?, 0)?;
-        head_loss(head, &tokens, &context, picked.2, picked.3)
+            .index_select(&positions, 0)?;
+        let rows = row_of(&positions, l)?;
+        head_loss(
+            head,
+            &tokens,
+            &x.image_embed,
+            &rows,
+            &inp.targets,
+            x.pair_weights(),
+        )
     }
 
-    fn mvm_loss(&self, head: &Head, x: &StepInputs) -> Result<Tensor> {
-        let inp = x.mvm.ok_or_else(|| Error::MissingInput {
-            objective: "mvlm".into(),
-            input: "mvm",
-        })?;
+    /// MVM: gathers the masked patches' hidden rows, past `[CLS]` (patch
+    /// `b * N + n` is row `b * (1 + N) + 1 + n`, i.e. `position + row + 1`),
+    /// their pairs' text embeddings (row `position / N`) and the dVAE codes
+    /// at the positions.
+    fn mvm_loss(&self, head: &Head, x: &StepFeatures) -> Result<Tensor> {
+        let inp = x.masked_image(self.name())?;
         let (b, n1, dv) = inp.hidden.dims3()?;
         let np = n1.saturating_sub(1);
-        if inp.mask.dims() != [b, np]
+        let (positions, m) = positions_u32(&inp.positions, "masked_image.positions")?;
+        if b != x.batch_size()?
+            || np == 0
             || inp.codes.dims() != [b, np]
             || dv != self.dims.vision_hidden
         {
             return Err(bad(
-                "mvm",
+                "masked_image",
                 format!(
-                    "hidden {:?}, mask {:?} and codes {:?} must be [B, 1+N, {}], [B, N] and [B, N]",
+                    "hidden {:?} and codes {:?} must be [{}, 1+N, {}] and [B, N] with N > 0",
                     inp.hidden.dims(),
-                    inp.mask.dims(),
                     inp.codes.dims(),
+                    x.batch_size()?,
                     self.dims.vision_hidden
                 ),
             ));
         }
-        let mask = inp.mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let codes = inp.codes.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        let pw = x.pair_weights_host()?;
-        let mut picked: Picked = Default::default();
-        for bi in 0..b {
-            let w = pw.as_ref().map_or(1.0, |w| w[bi] as f64);
-            for pi in 0..np {
-                if mask[bi][pi] == 0.0 || w <= 0.0 {
-                    continue;
-                }
-                let code = codes[bi][pi];
-                if code as usize >= self.dims.codebook {
-                    return Err(bad(
-                        "mvm.codes",
-                        format!(
-                            "code {code} at ({bi}, {pi}) is outside the codebook of {}",
-                            self.dims.codebook
-                        ),
-                    ));
-                }
-                // Row of patch `pi` in the flattened hidden states, past [CLS].
-                picked.0.push((bi * n1 + 1 + pi) as u32);
-                picked.1.push(bi as u32);
-                picked.2.push(code);
-                picked.3.push(w);
-            }
+        if m == 0 {
+            return empty_loss(&inp.hidden, &x.text_embed);
         }
-        if picked.0.is_empty() {
-            return Self::zero(x);
-        }
-        let dev = inp.hidden.device();
-        let n = picked.0.len();
+        let rows = row_of(&positions, np)?;
+        let one = Tensor::new(1u32, positions.device())?;
+        let hidden_rows = (&positions + &rows)?.broadcast_add(&one)?;
         let tokens = inp
             .hidden
             .reshape((b * n1, dv))?
-            .index_select(&Tensor::from_vec(picked.0, n, dev)?, 0)?;
-        let context = x
-            .text_embed
-            .index_select(&Tensor::from_vec(picked.1, n, dev)?, 0)?;
-        head_loss(head, &tokens, &context, picked.2, picked.3)
+            .index_select(&hidden_rows, 0)?;
+        let targets = inp
+            .codes
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .index_select(&positions, 0)?;
+        head_loss(
+            head,
+            &tokens,
+            &x.text_embed,
+            &rows,
+            &targets,
+            x.pair_weights(),
+        )
     }
 }
 
@@ -319,7 +332,7 @@ impl Objective for Mvlm {
         }
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
         let mut out = Vec::new();
         if let Some(h) = &self.mlm {
             out.push(LossTerm::new("mlm", self.mlm_loss(h, x)?));

@@ -13,6 +13,12 @@
 //! `after_step`), from detached keys: a queue never holds a graph. Pairs that
 //! the adaptive momentum filter dropped (weight 0) are not written at all; the
 //! pointer advances only by the number of kept pairs and wraps around.
+//!
+//! Staleness: each slot also keeps, on the host, the optimizer step whose
+//! keys it holds (the trainer announces the step with
+//! [`LockstepQueue::set_step`] before the forward pass), so the age of the
+//! negatives can be logged ([`LockstepQueue::staleness`]). The stamps are part
+//! of the checkpointed state, so a resumed run logs the same ages.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -65,6 +71,25 @@ pub struct LockstepQueue {
     text: Tensor,
     ids: Tensor,
     ptr: usize,
+    /// Per slot: the step whose keys it holds, [`NEVER_WRITTEN`] before the
+    /// first write.
+    stamps: Vec<u32>,
+    /// The step being trained (stamped on the next enqueue).
+    step: u64,
+}
+
+/// Stamp of a slot that still holds its random initial vector.
+pub const NEVER_WRITTEN: u32 = u32::MAX;
+
+/// Age statistics of the written queue slots, in optimizer steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Staleness {
+    /// Mean age of the written slots (`0` keys from this very step).
+    pub mean: f64,
+    /// Age of the oldest written slot.
+    pub max: u64,
+    /// Fraction of the slots written at least once.
+    pub filled: f64,
 }
 
 /// Unit vectors from a seeded generator (standard normals, then L2-normalised).
@@ -104,6 +129,35 @@ impl LockstepQueue {
             text,
             ids,
             ptr: 0,
+            stamps: vec![NEVER_WRITTEN; cfg.size],
+            step: 0,
+        })
+    }
+
+    /// Announces the optimizer step being trained; the next enqueue stamps
+    /// its slots with it.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Mean and max age (current step minus the stamp) of the written slots,
+    /// `None` while nothing has been written.
+    pub fn staleness(&self) -> Option<Staleness> {
+        let mut n = 0usize;
+        let (mut sum, mut max) = (0u64, 0u64);
+        for &s in &self.stamps {
+            if s == NEVER_WRITTEN {
+                continue;
+            }
+            let age = self.step.saturating_sub(u64::from(s));
+            n += 1;
+            sum += age;
+            max = max.max(age);
+        }
+        (n > 0).then(|| Staleness {
+            mean: sum as f64 / n as f64,
+            max,
+            filled: n as f64 / self.stamps.len().max(1) as f64,
         })
     }
 
@@ -180,6 +234,7 @@ impl LockstepQueue {
         let id = ids.to_dtype(DType::U32)?.index_select(&idx, 0)?;
         let first = n.min(k - self.ptr);
         let parts = [(0, self.ptr, first), (first, 0, n - first)];
+        let stamp = u32::try_from(self.step).unwrap_or(NEVER_WRITTEN - 1);
         for (src, dst, len) in parts {
             if len == 0 {
                 continue;
@@ -190,6 +245,7 @@ impl LockstepQueue {
                 .slice_set(&txt.narrow(0, src, len)?.contiguous()?, 0, dst)?;
             self.ids
                 .slice_set(&id.narrow(0, src, len)?.contiguous()?, 0, dst)?;
+            self.stamps[dst..dst + len].fill(stamp);
         }
         self.ptr = (self.ptr + n) % k;
         Ok(())
@@ -198,12 +254,15 @@ impl LockstepQueue {
     /// Copies of the three queues (`image`, `text`, `ids`) and the pointer.
     pub fn state(&self) -> Result<ObjectiveState> {
         let mut s = ObjectiveState {
-            meta: serde_json::json!({ "ptr": self.ptr, "size": self.size() }),
+            meta: serde_json::json!({ "ptr": self.ptr, "size": self.size(), "step": self.step }),
             ..Default::default()
         };
         s.tensors.insert("image".into(), self.image.copy()?);
         s.tensors.insert("text".into(), self.text.copy()?);
         s.tensors.insert("ids".into(), self.ids.copy()?);
+        let k = self.stamps.len();
+        let stamps = Tensor::from_vec(self.stamps.clone(), k, &Device::Cpu)?;
+        s.tensors.insert("stamps".into(), stamps);
         Ok(s)
     }
 
@@ -251,6 +310,23 @@ impl LockstepQueue {
             .to_device(&device)?
             .to_dtype(self.text.dtype())?
             .copy()?;
+        // Checkpoints written before the stamps existed load with every slot
+        // unstamped: the keys are restored exactly, only their ages are lost.
+        self.stamps = match s.tensors.get("stamps") {
+            Some(t) => {
+                let v = t.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                if v.len() != self.stamps.len() {
+                    return Err(err(format!(
+                        "`stamps` has {} slots, this run's queue has {}",
+                        v.len(),
+                        self.stamps.len()
+                    )));
+                }
+                v
+            }
+            None => vec![NEVER_WRITTEN; self.stamps.len()],
+        };
+        self.step = s.meta.get("step").and_then(|p| p.as_u64()).unwrap_or(0);
         self.ids = ids.to_device(&device)?.to_dtype(DType::U32)?.copy()?;
         self.ptr = ptr;
         Ok(())

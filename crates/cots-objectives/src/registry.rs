@@ -146,7 +146,10 @@ pub fn build(cfg: &ObjectivesConfig, dims: Dims, vb: VarBuilder) -> Result<Objec
                 .ok_or_else(|| Error::Config("internal: queue missing".into()))
         };
         let obj: Box<dyn Objective> = match oc {
-            ObjectiveConfig::Itc(c) => Box::new(Itc::new(c, q()?)),
+            ObjectiveConfig::Itc(c) => {
+                c.validate()?;
+                Box::new(Itc::new(c, q()?))
+            }
             ObjectiveConfig::Kl(c) => Box::new(Kl::new(c, q()?)),
             ObjectiveConfig::Mvlm(c) => Box::new(Mvlm::new(
                 &mvlm::Config {

@@ -12,7 +12,7 @@ use candle_core::D;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::same_pair_mask;
-use crate::{weighted_mean, LossTerm, Needs, Objective, Result, StepInputs};
+use crate::{weighted_mean, LossTerm, Needs, Objective, Result, StepFeatures};
 
 /// Settings of the hinge triplet objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,12 +58,12 @@ impl Objective for Vse {
         Needs::default()
     }
 
-    fn losses(&mut self, x: &StepInputs) -> Result<Vec<LossTerm>> {
-        let (f, t) = (x.image_embed, x.text_embed);
+    fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        let (f, t) = (&x.image_embed, &x.text_embed);
         let s = f.matmul(&t.t()?)?; // [B, B], rows images, columns texts
         let pos = (f * t)?.sum_keepdim(D::Minus1)?; // [B, 1]
         let negatives =
-            same_pair_mask(x.image_ids, self.cfg.use_ids, f.dtype())?.affine(-1.0, 1.0)?;
+            same_pair_mask(&x.image_ids, self.cfg.use_ids, f.dtype())?.affine(-1.0, 1.0)?;
         // Costs are >= 0 after the hinge, and positives are zeroed, so the
         // max over a row is the hardest negative's cost (0 without negatives).
         let cost_i2t = (s.broadcast_sub(&pos)? + self.cfg.margin)?
@@ -78,8 +78,8 @@ impl Objective for Vse {
             (cost_i2t.sum(1)?, cost_t2i.sum(0)?)
         };
         Ok(vec![
-            LossTerm::new("vse_i2t", weighted_mean(&i2t, x.pair_weights)?),
-            LossTerm::new("vse_t2i", weighted_mean(&t2i, x.pair_weights)?),
+            LossTerm::new("vse_i2t", weighted_mean(&i2t, x.pair_weights())?),
+            LossTerm::new("vse_t2i", weighted_mean(&t2i, x.pair_weights())?),
         ])
     }
 }

@@ -224,12 +224,14 @@ fn step(cfg_toml: &str, untrained: &[&str]) {
         .zip(&masked_tok)
         .map(|(&t, &m)| if m { MASK_ID } else { t })
         .collect();
-    let labels: Vec<i64> = ids_v
-        .iter()
-        .zip(&masked_tok)
-        .map(|(&t, &m)| if m { t as i64 } else { -100 })
-        .collect();
+    // Masked positions (flat b * L + l) and their original ids, as the
+    // trainer computes them on the host when it builds the batch.
+    let (text_pos, text_targets): (Vec<u32>, Vec<u32>) = (0..B * L)
+        .filter(|&i| masked_tok[i])
+        .map(|i| (i as u32, ids_v[i]))
+        .unzip();
     let patch_mask: Vec<f32> = (0..B * n).map(|i| ((i % 3) == 0) as u8 as f32).collect();
+    let patch_pos: Vec<u32> = (0..(B * n) as u32).filter(|&i| i % 3 == 0).collect();
     let patch_mask = Tensor::from_vec(patch_mask, (B, n), &dev).expect("mask");
 
     let before_online = snapshot(&online_vm);
@@ -256,33 +258,38 @@ fn step(cfg_toml: &str, untrained: &[&str]) {
         .masked_image
         .then(|| online.image(&px, Some(&patch_mask)).0);
     let codes = needs.dvae_codes.then(|| dv.codes(&px).expect("codes"));
-    let labels = Tensor::from_vec(labels, (B, L), &dev).expect("labels");
     // 2. AMF weights.
     let amf = match (&f_m, &t_m) {
         (Some(fm), Some(tm)) => objs.filter(fm, tm).expect("filter"),
         _ => None,
     };
-    let x = StepInputs {
-        image_embed: &f,
-        text_embed: &t,
-        image_embed_m: f_m.as_ref(),
-        text_embed_m: t_m.as_ref(),
-        image_ids: &image_ids,
-        temperature: &tau,
-        pair_weights: amf.as_ref().map(|a| &a.weights),
-        mlm: masked_text.as_ref().map(|h| MlmInputs {
-            hidden: h,
-            labels: &labels,
-        }),
-        mvm: masked_image.as_ref().map(|h| MvmInputs {
-            hidden: h,
-            mask: &patch_mask,
-            codes: codes.as_ref().expect("codes"),
-        }),
-        itm: None,
-    };
+    let mut x = StepFeatures::new(f, t, image_ids, tau);
+    if let (Some(fm), Some(tm)) = (f_m, t_m) {
+        x = x.with_momentum(MomentumFeatures {
+            image: fm,
+            text: tm,
+            pair_weights: amf.map(|a| a.weights),
+        });
+    }
+    if let Some(hidden) = masked_text {
+        x = x.with_masked_text(MaskedText {
+            hidden,
+            positions: Tensor::new(text_pos.as_slice(), &dev).expect("positions"),
+            targets: Tensor::new(text_targets.as_slice(), &dev).expect("targets"),
+        });
+    }
+    if let Some(hidden) = masked_image {
+        x = x.with_masked_image(MaskedImage {
+            hidden,
+            positions: Tensor::new(patch_pos.as_slice(), &dev).expect("positions"),
+            codes: codes.expect("codes"),
+        });
+    }
     // 3-4. Losses, backward, optimizer (online weights and heads only).
     let losses = objs.losses(&x).expect("losses");
+    // What after_step gets: kept across the optimizer step without the graph.
+    let kept = x.detached().expect("detached");
+    drop(x);
     assert!(losses.total.to_scalar::<f32>().expect("total").is_finite());
     let grads = losses.total.backward().expect("backward");
     let mut opt = AdamW::new(
@@ -306,7 +313,7 @@ fn step(cfg_toml: &str, untrained: &[&str]) {
     }
     // 6. Enqueue.
     let ptr_before = objs.queue().map(|q| q.lock().ptr());
-    objs.after_step(&x).expect("after_step");
+    objs.after_step(&kept).expect("after_step");
     if let (Some(q), Some(p)) = (objs.queue(), ptr_before) {
         assert_eq!(
             q.lock().ptr(),

@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use cots_objectives::bimodal::BimodalConfig;
 use cots_objectives::clip::{Clip, ClipConfig};
-use cots_objectives::itc::{Itc, ItcConfig};
+use cots_objectives::itc::{Itc, ItcConfig, KeySource};
 use cots_objectives::itm::{Itm, ItmConfig};
 use cots_objectives::kl::{Kl, KlConfig};
 use cots_objectives::mvlm::{self, Mvlm, MvlmConfig};
@@ -71,29 +71,33 @@ fn fixture(seed: u64) -> Fix {
     }
 }
 
-/// Step inputs with online embeddings only (no momentum, weights or side inputs).
-fn online_only<'a>(
-    f: &'a Tensor,
-    t: &'a Tensor,
-    ids: &'a Tensor,
-    tau: &'a Tensor,
-) -> StepInputs<'a> {
-    StepInputs {
-        image_embed: f,
-        text_embed: t,
-        image_embed_m: None,
-        text_embed_m: None,
-        image_ids: ids,
-        temperature: tau,
-        pair_weights: None,
-        mlm: None,
-        mvm: None,
-        itm: None,
+/// Step features with online embeddings only (no momentum, weights or side inputs).
+fn online_only(f: &Tensor, t: &Tensor, ids: &Tensor, tau: &Tensor) -> StepFeatures {
+    StepFeatures::new(f.clone(), t.clone(), ids.clone(), tau.clone())
+}
+
+/// Momentum features from detached keys and optional pair weights.
+fn momentum(fm: &Tensor, tm: &Tensor, w: Option<&Tensor>) -> MomentumFeatures {
+    MomentumFeatures {
+        image: fm.clone(),
+        text: tm.clone(),
+        pair_weights: w.cloned(),
     }
 }
 
 fn ids_tensor(ids: &[u32]) -> Tensor {
     Tensor::new(ids, &Device::Cpu).expect("ids")
+}
+
+/// Flat positions with a non-negative label and those labels, in order (what
+/// the trainer uploads with a batch).
+fn masked_positions(labels: &[i64]) -> (Vec<u32>, Vec<u32>) {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &lab)| lab >= 0)
+        .map(|(i, &lab)| (i as u32, lab as u32))
+        .unzip()
 }
 
 /// Runs `obj` on the fixture with `f`, `t`, `tau` as variables; checks each
@@ -109,18 +113,8 @@ fn check(
     let tau = Var::from_tensor(&Tensor::new(fx.tau, &Device::Cpu).expect("tau")).expect("tau");
     let (fm, tm, ids) = (tensor(&fx.fm), tensor(&fx.tm), ids_tensor(&fx.ids));
     let w = weights.map(|w| Tensor::new(w, &Device::Cpu).expect("weights"));
-    let x = StepInputs {
-        image_embed: fv.as_tensor(),
-        text_embed: tv.as_tensor(),
-        image_embed_m: Some(&fm),
-        text_embed_m: Some(&tm),
-        image_ids: &ids,
-        temperature: tau.as_tensor(),
-        pair_weights: w.as_ref(),
-        mlm: None,
-        mvm: None,
-        itm: None,
-    };
+    let x = online_only(fv.as_tensor(), tv.as_tensor(), &ids, tau.as_tensor())
+        .with_momentum(momentum(&fm, &tm, w.as_ref()));
     let terms = obj.losses(&x).expect("losses");
     let got: Vec<f64> = terms.iter().map(|t| scalar(&t.value)).collect();
     let want = reference(&fx.f, &fx.t, fx.tau);
@@ -205,6 +199,7 @@ fn itc_matches_the_formula_in_every_mode() {
             weight: 1.0,
             in_batch_negatives: in_batch,
             use_ids,
+            ..ItcConfig::default()
         };
         let w64 = weights.map(|w| w.map(f64::from));
         // The fixture must contain same-id queue slots, or the id path is untested.
@@ -217,6 +212,147 @@ fn itc_matches_the_formula_in_every_mode() {
             |f, t, tau| ref_itc(&fx, f, t, tau, &cfg, w64.as_ref().map(|w| &w[..])),
         );
     }
+}
+
+/// One row of the in-batch formulation written out with loops: the batch
+/// keys (all of them when `all_pairs`, same-id ones positive; only the
+/// row's own key otherwise), then the queue's keys when given.
+#[allow(clippy::too_many_arguments)]
+fn batch_row(
+    q: &[f64],
+    i: usize,
+    keys: &Mat,
+    ids: &[u32],
+    all_pairs: bool,
+    use_ids: bool,
+    queue: Option<(&Mat, &[u32])>,
+    tau: f64,
+) -> f64 {
+    let (mut l, mut pos) = (Vec::new(), Vec::new());
+    for (j, k) in keys.iter().enumerate() {
+        let same = j == i || (use_ids && ids[j] == ids[i]);
+        if !all_pairs && j != i {
+            continue;
+        }
+        l.push(dot(q, k) / tau);
+        if same {
+            pos.push(dot(q, k) / tau);
+        }
+    }
+    if let Some((qk, qids)) = queue {
+        for (k, &id) in qk.iter().zip(qids) {
+            l.push(dot(q, k) / tau);
+            if use_ids && id == ids[i] {
+                pos.push(dot(q, k) / tau);
+            }
+        }
+    }
+    lse(&l) - pos.iter().sum::<f64>() / pos.len() as f64
+}
+
+fn ref_itc_batch(fx: &Fix, f: &Mat, t: &Mat, tau: f64, cfg: &ItcConfig) -> Vec<f64> {
+    // Online keys are the other tower's online embeddings: the very
+    // arguments, so the finite differences see the key side move too.
+    let (fk, tk) = match cfg.keys {
+        KeySource::Online => (f.clone(), t.clone()),
+        KeySource::Momentum => (fx.fm.clone(), fx.tm.clone()),
+    };
+    let all = cfg.keys == KeySource::Online || cfg.in_batch_negatives;
+    let q = |m: &'_ Mat| -> Option<(Mat, Vec<u32>)> {
+        cfg.queue_negatives.then(|| (m.clone(), fx.qids.clone()))
+    };
+    let (qt, qi) = (q(&fx.qt), q(&fx.qi));
+    let i2t: Vec<f64> = (0..B)
+        .map(|i| {
+            let qv = qt.as_ref().map(|(m, ids)| (m, ids.as_slice()));
+            batch_row(&f[i], i, &tk, &fx.ids, all, cfg.use_ids, qv, tau)
+        })
+        .collect();
+    let t2i: Vec<f64> = (0..B)
+        .map(|i| {
+            let qv = qi.as_ref().map(|(m, ids)| (m, ids.as_slice()));
+            batch_row(&t[i], i, &fk, &fx.ids, all, cfg.use_ids, qv, tau)
+        })
+        .collect();
+    vec![wmean(&i2t, None), wmean(&t2i, None)]
+}
+
+/// Online keys (with and without the queue, with and without ids) and
+/// momentum keys without the queue, values and gradients (keys included)
+/// against the loops above.
+#[test]
+fn itc_key_sources_and_queue_switch_match_the_formula() {
+    for (seed, keys, queue_negatives, in_batch, use_ids) in [
+        (11, KeySource::Online, true, false, true),
+        (12, KeySource::Online, true, false, false),
+        (13, KeySource::Online, false, false, true),
+        (14, KeySource::Momentum, false, true, true),
+        (15, KeySource::Momentum, false, true, false),
+    ] {
+        let fx = fixture(seed);
+        let cfg = ItcConfig {
+            weight: 1.0,
+            in_batch_negatives: in_batch,
+            use_ids,
+            keys,
+            queue_negatives,
+        };
+        cfg.validate().expect("valid");
+        let mut itc = Itc::new(&cfg, fx.queue.clone());
+        check(&mut itc, &fx, None, |f, t, tau| {
+            ref_itc_batch(&fx, f, t, tau, &cfg)
+        });
+    }
+}
+
+/// Online keys without the queue are CLIP, term by term.
+#[test]
+fn itc_with_online_keys_and_no_queue_is_clip() {
+    let fx = fixture(21);
+    let (f, t) = (tensor(&fx.f), tensor(&fx.t));
+    let tau = Tensor::new(fx.tau, &Device::Cpu).expect("tau");
+    let x = online_only(&f, &t, &ids_tensor(&fx.ids), &tau);
+    let cfg = ItcConfig {
+        keys: KeySource::Online,
+        queue_negatives: false,
+        ..ItcConfig::default()
+    };
+    let itc: Vec<f64> = Itc::new(&cfg, fx.queue.clone())
+        .losses(&x)
+        .expect("itc")
+        .iter()
+        .map(|t| scalar(&t.value))
+        .collect();
+    let clip: Vec<f64> = Clip::new(&ClipConfig::default())
+        .losses(&x)
+        .expect("clip")
+        .iter()
+        .map(|t| scalar(&t.value))
+        .collect();
+    assert_close(&itc, &clip, 1e-12, "itc(online, no queue) vs clip");
+}
+
+/// Momentum keys with neither in-batch nor queue negatives leave every row
+/// without a negative: rejected when the objectives are built.
+#[test]
+fn itc_without_any_negative_is_rejected() {
+    let cfg = ItcConfig {
+        queue_negatives: false,
+        ..ItcConfig::default()
+    };
+    assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("queue_negatives")));
+    let toml = "[[objectives]]\nkind = \"itc\"\nqueue_negatives = false\n";
+    let parsed: ObjectivesConfig = toml::from_str(toml).expect("parses");
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let dims = Dims {
+        embed: E,
+        text_hidden: E,
+        vision_hidden: E,
+        vocab: 8,
+        codebook: 8,
+    };
+    assert!(build(&parsed, dims, vb).is_err());
 }
 
 /// `KL(softmax(a) || softmax(b))`.
@@ -292,18 +428,8 @@ fn kl_stop_gradient_moves_only_the_non_target_side() {
         let (fv, tv) = (var(&fx.f), var(&fx.t));
         let tau = Tensor::new(fx.tau, &Device::Cpu).expect("tau");
         let (fm, tm, ids) = (tensor(&fx.fm), tensor(&fx.tm), ids_tensor(&fx.ids));
-        let x = StepInputs {
-            image_embed: fv.as_tensor(),
-            text_embed: tv.as_tensor(),
-            image_embed_m: Some(&fm),
-            text_embed_m: Some(&tm),
-            image_ids: &ids,
-            temperature: &tau,
-            pair_weights: None,
-            mlm: None,
-            mvm: None,
-            itm: None,
-        };
+        let x = online_only(fv.as_tensor(), tv.as_tensor(), &ids, &tau)
+            .with_momentum(momentum(&fm, &tm, None));
         let terms = Kl::new(&cfg, fx.queue.clone()).losses(&x).expect("kl");
         assert_close(
             &[scalar(&terms[0].value)],
@@ -455,21 +581,10 @@ fn itm_is_two_way_cross_entropy() {
         Tensor::new(0.07f64, &Device::Cpu).expect("tau"),
         ids_tensor(&fx.ids),
     );
-    let x = StepInputs {
-        image_embed: &f,
-        text_embed: &t,
-        image_embed_m: None,
-        text_embed_m: None,
-        image_ids: &ids,
-        temperature: &tau,
-        pair_weights: None,
-        mlm: None,
-        mvm: None,
-        itm: Some(ItmInputs {
-            logits: lv.as_tensor(),
-            labels: &lab,
-        }),
-    };
+    let x = online_only(&f, &t, &ids, &tau).with_matching(MatchLogits {
+        logits: lv.as_tensor().clone(),
+        labels: lab,
+    });
     let terms = Itm::new(&ItmConfig::default()).losses(&x).expect("itm");
     let reference = |p: &[f64]| {
         let m = unflat(p, 6, 2);
@@ -625,33 +740,36 @@ fn mvlm_matches_the_formula_and_trains_every_head_weight() {
     )
     .expect("v");
     let (fv, tv) = (var(&fe), var(&te));
-    let lab_t = Tensor::from_vec(labels.clone(), (b, l), &dev).expect("labels");
-    let mask_t = Tensor::from_vec(mask.clone(), (b, np), &dev).expect("mask");
+    // Positions and targets as the trainer builds them from its host masks.
+    let (text_pos, text_targets) = masked_positions(&labels);
+    let (patch_pos, _) = masked_positions(
+        &mask
+            .iter()
+            .map(|&m| if m != 0 { 0 } else { -1 })
+            .collect::<Vec<i64>>(),
+    );
     let codes_t = Tensor::from_vec(codes.clone(), (b, np), &dev).expect("codes");
     let (ids, tau, w) = (
         ids_tensor(&[0, 1, 2]),
         Tensor::new(0.07f64, &dev).expect("tau"),
         Tensor::new(&weights, &dev).expect("w"),
     );
-    let x = StepInputs {
-        image_embed: fv.as_tensor(),
-        text_embed: tv.as_tensor(),
-        image_embed_m: None,
-        text_embed_m: None,
-        image_ids: &ids,
-        temperature: &tau,
-        pair_weights: Some(&w),
-        mlm: Some(MlmInputs {
-            hidden: htv.as_tensor(),
-            labels: &lab_t,
-        }),
-        mvm: Some(MvmInputs {
-            hidden: hvv.as_tensor(),
-            mask: &mask_t,
-            codes: &codes_t,
-        }),
-        itm: None,
-    };
+    let x = online_only(fv.as_tensor(), tv.as_tensor(), &ids, &tau)
+        .with_momentum(momentum(
+            &fv.as_tensor().detach(),
+            &tv.as_tensor().detach(),
+            Some(&w),
+        ))
+        .with_masked_text(MaskedText {
+            hidden: htv.as_tensor().clone(),
+            positions: ids_tensor(&text_pos),
+            targets: ids_tensor(&text_targets),
+        })
+        .with_masked_image(MaskedImage {
+            hidden: hvv.as_tensor().clone(),
+            positions: ids_tensor(&patch_pos),
+            codes: codes_t,
+        });
     let terms = obj.losses(&x).expect("losses");
     assert_eq!(
         terms.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
@@ -731,19 +849,398 @@ fn mvlm_matches_the_formula_and_trains_every_head_weight() {
     );
 }
 
+/// One random MVLM input: hidden states, global features, masks, codes and
+/// optional pair weights, all on the host.
+struct MvlmCase {
+    b: usize,
+    l: usize,
+    np: usize,
+    /// `[B * L][Dt]` text hidden states of the masked pass.
+    ht: Mat,
+    /// `[B * (1 + N)][Dv]` image hidden states, `[CLS]` first in each image.
+    hv: Mat,
+    /// `[B][E]` image and text embeddings.
+    fe: Mat,
+    te: Mat,
+    /// `[B * L]`: the target id where the token is masked, -1 elsewhere.
+    labels: Vec<i64>,
+    /// `[B * N]`: 1 where the patch is masked.
+    patch_mask: Vec<u8>,
+    /// `[B * N]` dVAE codes.
+    codes: Vec<u32>,
+    weights: Option<Vec<f32>>,
+}
+
+/// A random case; row 0 always has a masked token, a masked patch and a
+/// positive weight, so some gradient must flow.
+fn mvlm_case(r: &mut impl rand::Rng, dims: Dims, weighted: bool) -> MvlmCase {
+    let (b, l, np) = (
+        r.random_range(2..6usize),
+        r.random_range(2..7usize),
+        r.random_range(2..6usize),
+    );
+    let mut labels: Vec<i64> = (0..b * l)
+        .map(|_| match r.random_bool(0.35) {
+            true => r.random_range(0..dims.vocab as i64),
+            false => -1,
+        })
+        .collect();
+    labels[r.random_range(0..l)] = r.random_range(0..dims.vocab as i64);
+    let mut patch_mask: Vec<u8> = (0..b * np).map(|_| r.random_bool(0.4) as u8).collect();
+    patch_mask[r.random_range(0..np)] = 1;
+    let weights = weighted.then(|| {
+        let mut w: Vec<f32> = (0..b)
+            .map(|_| match r.random_bool(0.25) {
+                true => 0.0,
+                false => r.random_range(0.1f32..1.0),
+            })
+            .collect();
+        w[0] = r.random_range(0.1f32..1.0);
+        w
+    });
+    MvlmCase {
+        b,
+        l,
+        np,
+        ht: random_mat(r, b * l, dims.text_hidden),
+        hv: random_mat(r, b * (1 + np), dims.vision_hidden),
+        fe: unit_rows(r, b, dims.embed),
+        te: unit_rows(r, b, dims.embed),
+        labels,
+        patch_mask,
+        codes: (0..b * np)
+            .map(|_| r.random_range(0..dims.codebook as u32))
+            .collect(),
+        weights,
+    }
+}
+
+/// `[mlm, mvm]` by loops over every token and patch in f64: each masked one
+/// through its head with its pair's global feature, weighted by its pair's
+/// weight, normalised by the summed weight (a zero loss when nothing counts).
+fn ref_mvlm(vm: &VarMap, c: &MvlmCase, ht: &Mat, hv: &Mat, fe: &Mat, te: &Mat) -> Vec<f64> {
+    let w = |bi: usize| c.weights.as_ref().map_or(1.0, |w| w[bi] as f64);
+    let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
+    let (mut mlm, mut wm) = (0.0, 0.0);
+    for bi in 0..c.b {
+        for li in 0..c.l {
+            let lab = c.labels[bi * c.l + li];
+            if lab >= 0 {
+                let lp = log_softmax(&ref_head(vm, "mlm_head", &ht[bi * c.l + li], &fe[bi]));
+                mlm -= w(bi) * lp[lab as usize];
+                wm += w(bi);
+            }
+        }
+    }
+    let (mut mvm, mut wv) = (0.0, 0.0);
+    for bi in 0..c.b {
+        for pi in 0..c.np {
+            if c.patch_mask[bi * c.np + pi] != 0 {
+                let row = &hv[bi * (1 + c.np) + 1 + pi];
+                let lp = log_softmax(&ref_head(vm, "mvm_head", row, &te[bi]));
+                mvm -= w(bi) * lp[c.codes[bi * c.np + pi] as usize];
+                wv += w(bi);
+            }
+        }
+    }
+    vec![ratio(mlm, wm), ratio(mvm, wv)]
+}
+
+/// The step features of a case on the device path, positions in a random
+/// order (the loss must not depend on it).
+fn mvlm_features(
+    c: &MvlmCase,
+    (ht, hv, fe, te): (&Tensor, &Tensor, &Tensor, &Tensor),
+    dims: Dims,
+    r: &mut impl rand::Rng,
+) -> StepFeatures {
+    use rand::seq::SliceRandom;
+    let dev = Device::Cpu;
+    let (text_pos, text_targets) = masked_positions(&c.labels);
+    let mut text: Vec<(u32, u32)> = text_pos.into_iter().zip(text_targets).collect();
+    text.shuffle(r);
+    let (text_pos, text_targets): (Vec<u32>, Vec<u32>) = text.into_iter().unzip();
+    let mut patch_pos: Vec<u32> = (0..c.b * c.np)
+        .filter(|&i| c.patch_mask[i] != 0)
+        .map(|i| i as u32)
+        .collect();
+    patch_pos.shuffle(r);
+    let ids: Vec<u32> = (0..c.b as u32).collect();
+    let tau = Tensor::new(0.07f64, &dev)
+        .expect("tau")
+        .to_dtype(fe.dtype());
+    let mut x = StepFeatures::new(fe.clone(), te.clone(), ids_tensor(&ids), tau.expect("tau"))
+        .with_masked_text(MaskedText {
+            hidden: ht.reshape((c.b, c.l, dims.text_hidden)).expect("ht"),
+            positions: ids_tensor(&text_pos),
+            targets: ids_tensor(&text_targets),
+        })
+        .with_masked_image(MaskedImage {
+            hidden: hv.reshape((c.b, 1 + c.np, dims.vision_hidden)).expect("hv"),
+            positions: ids_tensor(&patch_pos),
+            codes: Tensor::from_vec(c.codes.clone(), (c.b, c.np), &dev).expect("codes"),
+        });
+    if let Some(w) = &c.weights {
+        x = x.with_momentum(momentum(
+            &fe.detach(),
+            &te.detach(),
+            Some(&Tensor::new(w.as_slice(), &dev).expect("w")),
+        ));
+    }
+    x
+}
+
+/// An MVLM objective in `dtype` whose head weights are those of `vm`
+/// (converted), or fresh ones with random LayerNorm parameters when `vm` is
+/// `None`.
+fn mvlm_in(
+    dims: Dims,
+    dtype: DType,
+    from: Option<&VarMap>,
+    r: &mut impl rand::Rng,
+) -> (Mvlm, VarMap) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+    let cfg = mvlm::Config {
+        settings: MvlmConfig::default(),
+        dims,
+    };
+    let obj = Mvlm::new(&cfg, vb).expect("mvlm");
+    for (name, v) in vm.data().lock().expect("lock").iter() {
+        let value = match from {
+            Some(src) => src.data().lock().expect("lock")[name]
+                .as_tensor()
+                .to_dtype(dtype)
+                .expect("dtype"),
+            None if name.contains("layer_norm") => {
+                let n = v.elem_count();
+                Tensor::from_vec(random_mat(r, 1, n).concat(), n, &Device::Cpu).expect("t")
+            }
+            None => continue,
+        };
+        v.set(&value).expect("set");
+    }
+    (obj, vm)
+}
+
+/// The device path (positions gathered on the device, pair of a position by
+/// integer division, weights gathered by row, normalisation on the device)
+/// against loops over every token and patch, in f64 and in f32, with and
+/// without pair weights; gradients against finite differences of the loops.
+#[test]
+fn mvlm_device_path_matches_a_host_reference_on_random_masks() {
+    let dims = Dims {
+        embed: 3,
+        text_hidden: 4,
+        vision_hidden: 5,
+        vocab: 9,
+        codebook: 6,
+    };
+    for seed in 0..6u64 {
+        let mut r = rng(100 + seed);
+        let c = mvlm_case(&mut r, dims, seed % 3 != 0);
+        let (mut obj, vm) = mvlm_in(dims, DType::F64, None, &mut r);
+        let want = ref_mvlm(&vm, &c, &c.ht, &c.hv, &c.fe, &c.te);
+
+        let (htv, hvv, fv, tv) = (var(&c.ht), var(&c.hv), var(&c.fe), var(&c.te));
+        let x = mvlm_features(
+            &c,
+            (
+                htv.as_tensor(),
+                hvv.as_tensor(),
+                fv.as_tensor(),
+                tv.as_tensor(),
+            ),
+            dims,
+            &mut r,
+        );
+        let terms = obj.losses(&x).expect("losses");
+        let got: Vec<f64> = terms.iter().map(|t| scalar(&t.value)).collect();
+        assert_close(&got, &want, 1e-9, &format!("seed {seed}: f64 [mlm, mvm]"));
+
+        let grads = (&terms[0].value + &terms[1].value)
+            .expect("sum")
+            .backward()
+            .expect("backward");
+        let total = |ht: &Mat, hv: &Mat, fe: &Mat, te: &Mat| -> f64 {
+            ref_mvlm(&vm, &c, ht, hv, fe, te).iter().sum()
+        };
+        let (dt, dv, e) = (dims.text_hidden, dims.vision_hidden, dims.embed);
+        let fd_ht = fd_grad(&c.ht.concat(), |p| {
+            total(&unflat(p, c.b * c.l, dt), &c.hv, &c.fe, &c.te)
+        });
+        let fd_hv = fd_grad(&c.hv.concat(), |p| {
+            total(&c.ht, &unflat(p, c.b * (1 + c.np), dv), &c.fe, &c.te)
+        });
+        let fd_fe = fd_grad(&c.fe.concat(), |p| {
+            total(&c.ht, &c.hv, &unflat(p, c.b, e), &c.te)
+        });
+        let fd_te = fd_grad(&c.te.concat(), |p| {
+            total(&c.ht, &c.hv, &c.fe, &unflat(p, c.b, e))
+        });
+        for (what, v, fd) in [
+            ("d/dhidden_text", &htv, &fd_ht),
+            ("d/dhidden_image", &hvv, &fd_hv),
+            ("d/dimage_embed", &fv, &fd_fe),
+            ("d/dtext_embed", &tv, &fd_te),
+        ] {
+            let g = grad_of(&grads, v.as_tensor());
+            assert_close(&g, fd, 1e-5, &format!("seed {seed}: {what}"));
+            // Row 0 has a counted position of each kind, so both the hidden
+            // states and the global features must receive gradient.
+            assert!(g.iter().any(|&g| g != 0.0), "seed {seed}: {what} is zero");
+        }
+        // Unmasked tokens and patches, and every [CLS], get exactly nothing.
+        let g_ht = grad_of(&grads, htv.as_tensor());
+        for (i, &lab) in c.labels.iter().enumerate() {
+            if lab < 0 {
+                assert!(g_ht[i * dt..(i + 1) * dt].iter().all(|&g| g == 0.0));
+            }
+        }
+        let g_hv = grad_of(&grads, hvv.as_tensor());
+        for bi in 0..c.b {
+            for pi in 0..=c.np {
+                let masked = pi > 0 && c.patch_mask[bi * c.np + pi - 1] != 0;
+                let row = bi * (1 + c.np) + pi;
+                if !masked {
+                    assert!(g_hv[row * dv..(row + 1) * dv].iter().all(|&g| g == 0.0));
+                }
+            }
+        }
+
+        // The same heads and inputs in f32, the training dtype.
+        let (mut obj32, _) = mvlm_in(dims, DType::F32, Some(&vm), &mut r);
+        let f32t = |m: &Mat| tensor(m).to_dtype(DType::F32).expect("f32");
+        let x32 = mvlm_features(
+            &c,
+            (&f32t(&c.ht), &f32t(&c.hv), &f32t(&c.fe), &f32t(&c.te)),
+            dims,
+            &mut r,
+        );
+        let got32: Vec<f64> = obj32
+            .losses(&x32)
+            .expect("losses")
+            .iter()
+            .map(|t| t.value.to_scalar::<f32>().expect("f32") as f64)
+            .collect();
+        assert_close(&got32, &want, 1e-5, &format!("seed {seed}: f32 [mlm, mvm]"));
+    }
+}
+
+/// No masked position at all (`M = 0`) gives exact zeros that stay connected
+/// to the graph (zero gradients, no error); masked positions whose pairs all
+/// have weight 0 give exact zeros too.
+#[test]
+fn mvlm_without_counted_positions_is_a_connected_zero() {
+    let dims = Dims {
+        embed: 3,
+        text_hidden: 4,
+        vision_hidden: 5,
+        vocab: 9,
+        codebook: 6,
+    };
+    let mut r = rng(120);
+    let mut c = mvlm_case(&mut r, dims, true);
+    let (mut obj, _) = mvlm_in(dims, DType::F64, None, &mut r);
+    // M = 0 in both modalities.
+    let mut empty = MvlmCase {
+        labels: vec![-1; c.b * c.l],
+        patch_mask: vec![0; c.b * c.np],
+        ..mvlm_case(&mut r, dims, true)
+    };
+    for case in [&mut empty, &mut c] {
+        if case.labels.iter().any(|&l| l >= 0) {
+            // Masked positions, but every pair dropped by the filter.
+            case.weights = Some(vec![0.0; case.b]);
+        }
+        let (htv, hvv, fv, tv) = (var(&case.ht), var(&case.hv), var(&case.fe), var(&case.te));
+        let x = mvlm_features(
+            case,
+            (
+                htv.as_tensor(),
+                hvv.as_tensor(),
+                fv.as_tensor(),
+                tv.as_tensor(),
+            ),
+            dims,
+            &mut r,
+        );
+        let terms = obj.losses(&x).expect("losses");
+        assert_eq!(
+            terms.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["mlm", "mvm"]
+        );
+        for t in &terms {
+            assert_eq!(t.value.dims(), &[] as &[usize], "{} is a scalar", t.name);
+            assert_eq!(scalar(&t.value), 0.0, "{} is exactly zero", t.name);
+        }
+        let grads = (&terms[0].value + &terms[1].value)
+            .expect("sum")
+            .backward()
+            .expect("backward");
+        for (what, v) in [
+            ("hidden_text", &htv),
+            ("hidden_image", &hvv),
+            ("image_embed", &fv),
+            ("text_embed", &tv),
+        ] {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what} is not connected to the loss"));
+            let g = g.flatten_all().expect("g").to_vec1::<f64>().expect("g");
+            assert!(g.iter().all(|&g| g == 0.0), "{what} got a gradient");
+        }
+    }
+}
+
 #[test]
 fn missing_inputs_are_named() {
     let fx = fixture(17);
     let (f, t, ids) = (tensor(&fx.f), tensor(&fx.t), ids_tensor(&fx.ids));
     let tau = Tensor::new(0.07f64, &Device::Cpu).expect("tau");
     let x = online_only(&f, &t, &ids, &tau);
+    let named = |err: Error, obj: &str, inp: &str| {
+        assert!(
+            matches!(&err, Error::MissingInput { objective, input } if objective == obj && *input == inp),
+            "{err}"
+        );
+    };
     let err = Itc::new(&ItcConfig::default(), fx.queue.clone())
         .losses(&x)
         .expect_err("no momentum");
-    assert!(
-        matches!(&err, Error::MissingInput { objective, input } if objective == "itc" && *input == "image_embed_m"),
-        "{err}"
-    );
+    named(err, "itc", "momentum");
+    let err = Kl::new(&KlConfig::default(), fx.queue.clone())
+        .losses(&x)
+        .expect_err("no momentum");
+    named(err, "kl", "momentum");
+    let err = Itm::new(&ItmConfig::default())
+        .losses(&x)
+        .expect_err("no logits");
+    named(err, "itm", "matching");
+    let dims = Dims {
+        embed: E,
+        text_hidden: 2,
+        vision_hidden: 2,
+        vocab: 3,
+        codebook: 3,
+    };
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F64, &Device::Cpu);
+    let mvlm_with = |mlm: bool, mvm: bool| {
+        let settings = MvlmConfig {
+            mlm,
+            mvm,
+            ..MvlmConfig::default()
+        };
+        Mvlm::new(&mvlm::Config { settings, dims }, vb.clone()).expect("mvlm")
+    };
+    let err = mvlm_with(true, false)
+        .losses(&x)
+        .expect_err("no masked text");
+    named(err, "mvlm", "masked_text");
+    let err = mvlm_with(false, true)
+        .losses(&x)
+        .expect_err("no masked image");
+    named(err, "mvlm", "masked_image");
 }
 
 /// Negative weights over `[other modality | own modality]` candidates,

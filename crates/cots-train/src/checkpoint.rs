@@ -45,7 +45,10 @@ fn test_pause() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ms))
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
+/// Writes `bytes` to `path` atomically: a temporary file beside it
+/// (`tempfile`, named `<file name>.<random>.tmp`), fsynced, persisted over
+/// `path`, then the directory fsynced. The temporary file is removed on any
+/// error; new files get the usual `0644` (`tempfile` would make them `0600`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_pausing(path, bytes, None)
 }
@@ -57,26 +60,37 @@ fn write_atomic_pausing(
     bytes: &[u8],
     pause: Option<std::time::Duration>,
 ) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        if let Some(p) = pause {
-            std::thread::sleep(p);
-        }
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            // Directory fsync makes the rename durable; not every filesystem supports it.
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!("{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
     }
-    result
+    let mut tmp = builder.tempfile_in(dir).map_err(io(dir))?;
+    tmp.write_all(bytes).map_err(io(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io(path))?;
+    if let Some(p) = pause {
+        std::thread::sleep(p);
+    }
+    tmp.persist(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        // Directory fsync makes the rename durable; not every filesystem supports it.
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 fn stem(step: u64) -> String {
@@ -103,22 +117,6 @@ pub fn save(
     write_atomic_pausing(&json, &text, pause)?;
     prune(dir, keep_last.max(1))?;
     Ok(json)
-}
-
-/// Creates the output directory `out` of a single-model training command,
-/// refusing one that already holds a model (`marker` and `weights` both
-/// exist): a second run never replaces the first. A directory with the
-/// marker but no weights is a run that stopped before its first save, which
-/// holds nothing to lose, so it is reused. `what` names the model in the
-/// error.
-pub(crate) fn claim_output_dir(out: &Path, marker: &str, weights: &str, what: &str) -> Result<()> {
-    if out.join(marker).exists() && out.join(weights).exists() {
-        return Err(Error::Config(format!(
-            "{} already holds {what}: choose another output directory or remove it",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(out).map_err(io(out))
 }
 
 /// Writes every variable of `map` to `weights`, then `meta` as JSON to
@@ -424,21 +422,6 @@ mod tests {
     }
 
     #[test]
-    fn an_output_dir_is_refused_only_when_it_holds_a_saved_model() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        claim_output_dir(&out, "m.json", "m.safetensors", "a model").unwrap();
-        // A run that wrote its config and then stopped before its first save.
-        std::fs::write(out.join("m.json"), "{}").unwrap();
-        claim_output_dir(&out, "m.json", "m.safetensors", "a model").unwrap();
-        std::fs::write(out.join("m.safetensors"), "x").unwrap();
-        let err = claim_output_dir(&out, "m.json", "m.safetensors", "a model")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("already holds a model"), "{err}");
-    }
-
-    #[test]
     fn saves_loads_and_keeps_the_last_n() {
         let dir = tempfile::tempdir().unwrap();
         for step in [10, 20, 30] {
@@ -473,9 +456,10 @@ mod tests {
             3,
         )
         .unwrap();
-        // A directory where the temporary file should go makes the write fail
-        // like a full disk would: after some checkpoint files exist.
-        std::fs::create_dir(dir.path().join("step-00000002.tmp")).unwrap();
+        // A non-empty directory where the weights should go makes the
+        // rename fail like a full disk would, after the temporary file was
+        // written; the temporary file must not stay behind.
+        std::fs::create_dir_all(dir.path().join("step-00000002.safetensors/x")).unwrap();
         let e = save(
             dir.path(),
             2,
@@ -485,6 +469,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("step-00000002"), "{e}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
         let (t, meta) = load(&latest(dir.path()).unwrap().unwrap()).unwrap();
         assert_eq!(meta["step"], 1);
         assert_eq!(t["model.w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
@@ -542,7 +532,11 @@ mod tests {
     #[test]
     fn a_save_removes_what_a_killed_save_left_behind() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("step-00000004.tmp"), b"half").unwrap();
+        std::fs::write(
+            dir.path().join("step-00000004.safetensors.x1y2z3.tmp"),
+            b"half",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("step-00000004.safetensors"), b"x").unwrap();
         save(
             dir.path(),

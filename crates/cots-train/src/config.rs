@@ -297,6 +297,34 @@ impl RunConfig {
                 self.data.kind
             ));
         }
+        // A setting for another kind of data is a mistake (a kind changed
+        // without its settings, a section pasted from another config): say
+        // so instead of ignoring it.
+        let d = &self.data;
+        let kind = d.kind;
+        let stray = [
+            ("data.path", d.path.is_some() && !kind.needs_path()),
+            ("data.root", d.root.is_some() && !kind.needs_path()),
+            (
+                "[data.synthetic]",
+                kind != DataKind::Synthetic && d.synthetic != SyntheticConfig::default(),
+            ),
+            (
+                "[data.synthetic_video]",
+                kind != DataKind::SyntheticVideo
+                    && d.synthetic_video != SyntheticVideoConfig::default(),
+            ),
+            (
+                "[data.msrvtt]",
+                kind != DataKind::Msrvtt && d.msrvtt.is_some(),
+            ),
+        ];
+        if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+            return bad(format!(
+                "{key} is set but data.kind = \"{kind}\" does not read it: remove it, or set the \
+                 data.kind it belongs to"
+            ));
+        }
         if self.is_video() {
             match self.data.image.frames {
                 None | Some(0) => {
@@ -425,6 +453,35 @@ mod tests {
                 assert!(e.contains(want), "`{want}` missing from: {e}");
             }
         }
+    }
+
+    /// Settings of another data kind are errors naming the key, not ignored.
+    #[test]
+    fn settings_of_another_data_kind_are_errors_naming_them() {
+        let cases = [
+            ("kind = \"synthetic\"\npath = \"x.jsonl\"\n", "data.path"),
+            ("kind = \"synthetic\"\nroot = \"imgs\"\n", "data.root"),
+            (
+                "kind = \"manifest\"\npath = \"x.jsonl\"\n[data.synthetic]\ntrain = 10\n",
+                "[data.synthetic]",
+            ),
+            (
+                "kind = \"synthetic\"\n[data.msrvtt]\ntrain_list = \"a.csv\"\ntest_csv = \"b.csv\"\n",
+                "[data.msrvtt]",
+            ),
+            (
+                "kind = \"synthetic\"\n[data.synthetic_video]\nvariants = 3\n",
+                "[data.synthetic_video]",
+            ),
+        ];
+        for (data, key) in cases {
+            let cfg: RunConfig = toml::from_str(&format!("[data]\n{data}")).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("data.kind"), "{data}: {e}");
+        }
+        let fine: RunConfig =
+            toml::from_str("[data]\nkind = \"manifest\"\npath = \"x.jsonl\"\n").unwrap();
+        fine.validate().unwrap();
     }
 
     #[test]

@@ -1,50 +1,49 @@
 //! How is the single-stream baseline trained and used for retrieval?
 //!
-//! - [`train_cross`]: image-text matching (ITM) on the same data as a trained
+//! - [`CrossTask`]: image-text matching (ITM) on the same data as a trained
 //!   two-stream run, with hard negatives mined from that run's contrastive
 //!   similarities (ALBEF's sampling: for each image a caption of another
 //!   image drawn with probability `softmax(sim / tau)`, and for each caption
-//!   an image the same way), so every positive has two negatives;
+//!   an image the same way), so every positive has two negatives; trained by
+//!   the one [`Loop`] ([`train_cross`]);
 //! - [`CrossRun`]: a trained cross-encoder opened for scoring;
 //! - [`CrossScorer`]: scores every (image, text) pair in batches: what
 //!   single-stream retrieval costs;
 //! - [`hybrid_evaluate`]: two-stream top-k, rescored by the cross-encoder
 //!   (the ALBEF/X-VLM two-stage recipe).
 //!
-//! A cross-encoder directory holds `cross.json` (model config, training
-//! config, the mining run's weights hash, step), `cross.safetensors` and
-//! `tokenizer.json`, plus `metrics.jsonl` (loss per step); the model files are written atomically, so a crash leaves the
-//! previous save intact. Training restarts from step 0 (no resume).
+//! A cross-encoder folder ([`RunDir`]) holds the loop's checkpoints and
+//! `metrics.jsonl`, and after every checkpoint the serving files
+//! `cross.json` (model config, training config, the mining run's weights
+//! hash, step) and `cross.safetensors`, plus `tokenizer.json`. A killed
+//! training resumes exactly with `resume`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use cots_data::image_io::{load_pixels, ImageConfig};
-use cots_data::{Dataset, ImageSource, Loader, LoaderConfig, LoaderPosition, Split};
+use cots_data::{Batch, Dataset, ImageSource, LoaderConfig, Split};
 use cots_encoders::cross::{self, match_score, CrossEncoder};
+use cots_encoders::two_stream::TwoStream;
 use cots_eval::{evaluate_scorer, EvalOptions, MatrixScorer, PairScorer, RetrievalReport};
 use cots_objectives::itm::{HardNegativeSampler, Itm, ItmConfig};
-use cots_objectives::{ItmInputs, Objectives, StepInputs};
-use cots_ops::SeededRng;
+use cots_objectives::{MatchLogits, Objectives, StepFeatures};
 use cots_text::TextTokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::config::RunConfig;
 use crate::inference::{load_frozen, Run};
-use crate::metrics::{progress_bar, MetricsWriter};
 use crate::model::{seed_init, sorted_vars};
-use crate::optim::{self, AdamW, OptimConfig};
-use crate::schedule::{lr_at, ScheduleConfig};
+use crate::optim::OptimConfig;
+use crate::run_dir::RunDir;
+use crate::schedule::ScheduleConfig;
+use crate::train_loop::{Forward, Loop, LoopConfig, StepContext, Task, TaskData, TaskState};
 use crate::trainer::load_dataset;
 use crate::{checkpoint, Error, Result};
-
-pub const CROSS_CONFIG_FILE: &str = "cross.json";
-pub const CROSS_WEIGHTS_FILE: &str = "cross.safetensors";
 
 /// Settings of [`train_cross`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,6 +81,22 @@ impl Default for CrossTrainConfig {
     }
 }
 
+impl CrossTrainConfig {
+    fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            steps: self.steps,
+            seed: self.seed,
+            optim: self.optim.clone(),
+            schedule: self.schedule.clone(),
+            momentum: 0.0,
+            log_every: 1,
+            eval_every: 0,
+            checkpoint_every: self.save_every,
+            keep_last: 2,
+        }
+    }
+}
+
 /// A trained cross-encoder, opened for scoring.
 pub struct CrossRun {
     pub dir: PathBuf,
@@ -92,6 +107,8 @@ pub struct CrossRun {
     pub step: u64,
     /// The ITM loss of the last training step.
     pub loss: Option<f64>,
+    /// The steps its training was set to run.
+    pub planned_steps: u64,
     /// The config of the run it was trained with (its data), when recorded.
     pub run_cfg: Option<RunConfig>,
     /// Hash of the weights.
@@ -116,92 +133,116 @@ struct SavedMeta {
     run: Option<RunConfig>,
 }
 
-fn save(dir: &Path, map: &VarMap, meta: &SavedMeta) -> Result<()> {
-    checkpoint::save_model(
-        &dir.join(CROSS_WEIGHTS_FILE),
-        map,
-        &dir.join(CROSS_CONFIG_FILE),
-        meta,
-    )
+/// The cross-encoder's training: ITM with negatives mined by a frozen
+/// two-stream run.
+pub struct CrossTask<'a> {
+    miner: &'a Run,
+    towers: &'a TwoStream,
+    tc: CrossTrainConfig,
+    cfg: cross::Config,
+    map: VarMap,
+    model: CrossEncoder,
+    itm: Objectives,
+    temperature: Tensor,
+    /// The training split, tokenizer and batching.
+    data: TaskData,
 }
 
-/// Trains a cross-encoder the size of `miner`'s model on `miner`'s training
-/// split and writes it to `out`; returns it opened.
-pub fn train_cross(
-    miner: &Run,
-    out: &Path,
-    tc: &CrossTrainConfig,
-    quiet: bool,
-) -> Result<CrossRun> {
-    if tc.batch_size < 2 || tc.steps == 0 || tc.negative_tau <= 0.0 {
-        return Err(Error::Config(
-            "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
-        ));
-    }
-    checkpoint::claim_output_dir(
-        out,
-        CROSS_CONFIG_FILE,
-        CROSS_WEIGHTS_FILE,
-        "a cross-encoder",
-    )?;
-    let device = &miner.device;
-    let towers = miner.two_stream("train-cross (hard-negative mining)")?;
-    let cfg = cross::Config::matching(towers.config());
-    let map = VarMap::new();
-    let model = CrossEncoder::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
-    seed_init(&map, tc.seed)?;
-    let mut adam = AdamW::new(sorted_vars(&map), &tc.optim)?;
-
-    let data = load_dataset(&miner.cfg)?;
-    let train = Arc::new(data.split(Split::Train)?);
-    let tokenizer = Arc::new(miner.tokenizer.clone());
-    let image = miner.image_config();
-    let mut loader = Loader::new(
-        train,
-        tokenizer.clone(),
-        LoaderConfig {
+impl<'a> CrossTask<'a> {
+    /// A fresh cross-encoder the size of `miner`'s model, on `miner`'s
+    /// training split.
+    pub fn new(miner: &'a Run, tc: &CrossTrainConfig) -> Result<Self> {
+        if tc.batch_size < 2 || tc.steps == 0 || tc.negative_tau <= 0.0 {
+            return Err(Error::Config(
+                "train-cross needs batch_size >= 2, steps >= 1 and negative_tau > 0".into(),
+            ));
+        }
+        let towers = miner.two_stream("train-cross (hard-negative mining)")?;
+        let cfg = cross::Config::matching(towers.config());
+        let map = VarMap::new();
+        let model = CrossEncoder::new(
+            &cfg,
+            VarBuilder::from_varmap(&map, DType::F32, &miner.device),
+        )?;
+        seed_init(&map, tc.seed)?;
+        let mut itm = Objectives::new(None, None);
+        itm.push(1.0, Box::new(Itm::new(&ItmConfig::default())))?;
+        let train = Arc::new(load_dataset(&miner.cfg)?.split(Split::Train)?);
+        let loader = LoaderConfig {
             batch_size: tc.batch_size,
             seed: tc.seed,
             max_text_len: cfg.max_text_len,
-            image: image.clone(),
+            image: miner.image_config(),
             on_bad_input: miner.cfg.data.on_bad_input,
             ..LoaderConfig::default()
-        },
-        LoaderPosition::default(),
-    )?;
-    tokenizer.save(out)?;
-    let mut meta = SavedMeta {
-        model: cfg.clone(),
-        image: image.clone(),
-        train: tc.clone(),
-        miner: miner.weights_hash.clone(),
-        step: 0,
-        loss: None,
-        run: Some(miner.cfg.clone()),
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics_path);
-    let mut metrics = MetricsWriter::open(&metrics_path)?;
-    let mut sampler = HardNegativeSampler::new(tc.seed ^ 0x17a3);
-    let mut itm = Objectives::new(None, None);
-    itm.push(1.0, Box::new(Itm::new(&ItmConfig::default())))?;
-    let temperature = towers.temperature()?.detach();
+        };
+        Ok(Self {
+            miner,
+            towers,
+            tc: tc.clone(),
+            cfg,
+            map,
+            model,
+            itm,
+            temperature: towers.temperature()?.detach(),
+            data: TaskData {
+                train,
+                tokenizer: Arc::new(miner.tokenizer.clone()),
+                loader,
+            },
+        })
+    }
 
-    let bar = progress_bar("train-cross ", tc.steps, quiet);
-    let started = Instant::now();
-    for step in 0..tc.steps {
-        let b = loader.next_batch()?;
+    fn saved_meta(&self, step: u64, loss: Option<f64>) -> SavedMeta {
+        SavedMeta {
+            model: self.cfg.clone(),
+            image: self.data.loader.image.clone(),
+            train: self.tc.clone(),
+            miner: self.miner.weights_hash.clone(),
+            step,
+            loss,
+            run: Some(self.miner.cfg.clone()),
+        }
+    }
+}
+
+impl Task for CrossTask<'_> {
+    type Keep = ();
+
+    fn label(&self) -> &str {
+        "train-cross"
+    }
+
+    fn data(&self) -> TaskData {
+        self.data.clone()
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        sorted_vars(&self.map)
+    }
+
+    fn forward(&mut self, b: &Batch, ctx: &StepContext) -> Result<Forward<()>> {
+        let device = &self.miner.device;
         let pixels = b.pixels.to_device(device)?;
         let ids = b.input_ids.to_device(device)?;
         let mask = b.attention_mask.to_device(device)?;
         let image_ids = b.image_ids.to_device(device)?;
         // Mining: the frozen two-stream model's similarities.
-        let f = towers.encode_image(&pixels, None, None)?.embed.detach();
-        let t = towers.encode_text(&ids, Some(&mask), None)?.embed.detach();
+        let f = self
+            .towers
+            .encode_image(&pixels, None, None)?
+            .embed
+            .detach();
+        let t = self
+            .towers
+            .encode_text(&ids, Some(&mask), None)?
+            .embed
+            .detach();
         let sim = f.matmul(&t.t()?)?;
         let owners = b.image_ids.to_vec1::<u32>()?;
-        let neg_text = sampler.sample(&sim, &owners, &owners, tc.negative_tau)?;
-        let neg_image = sampler.sample(&sim.t()?, &owners, &owners, tc.negative_tau)?;
+        let mut sampler = HardNegativeSampler::new(ctx.seed_for(0x17a3));
+        let neg_text = sampler.sample(&sim, &owners, &owners, self.tc.negative_tau)?;
+        let neg_image = sampler.sample(&sim.t()?, &owners, &owners, self.tc.negative_tau)?;
         // Pairs: every positive, each image with a hard caption, each caption
         // with a hard image (rows whose whole batch shares their id have none).
         let n = owners.len();
@@ -225,74 +266,100 @@ pub fn train_cross(
                 labels.push(0);
             }
         }
-        let rng = SeededRng::new(tc.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
-        let img_tok = model.embed_image(&pixels, Some(&rng))?;
-        let txt_tok = model.embed_text(&ids, Some(&rng))?;
+        let rng = ctx.dropout();
+        let img_tok = self.model.embed_image(&pixels, Some(&rng))?;
+        let txt_tok = self.model.embed_text(&ids, Some(&rng))?;
         let img_idx = Tensor::new(img_rows.as_slice(), device)?;
         let txt_idx = Tensor::new(txt_rows.as_slice(), device)?;
-        let logits = model.joint(
+        let logits = self.model.joint(
             &txt_tok.index_select(&txt_idx, 0)?,
             &mask.index_select(&txt_idx, 0)?,
             &img_tok.index_select(&img_idx, 0)?,
             Some(&rng),
         )?;
-        let labels = Tensor::new(labels.as_slice(), device)?;
-        let inputs = StepInputs {
-            image_embed: &f,
-            text_embed: &t,
-            image_embed_m: None,
-            text_embed_m: None,
-            image_ids: &image_ids,
-            temperature: &temperature,
-            pair_weights: None,
-            mlm: None,
-            mvm: None,
-            itm: Some(ItmInputs {
-                logits: &logits,
-                labels: &labels,
-            }),
-        };
-        let loss = itm.losses(&inputs)?.total;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            return Err(Error::NonFinite(format!(
-                "train-cross: the ITM loss is {value} at step {step}; the last save in {} is intact",
-                out.display()
+        let features = StepFeatures::new(f, t, image_ids, self.temperature.clone()).with_matching(
+            MatchLogits {
+                logits,
+                labels: Tensor::new(labels.as_slice(), device)?,
+            },
+        );
+        Ok(Forward {
+            losses: self.itm.losses(&features)?,
+            stats: Vec::new(),
+            keep: (),
+        })
+    }
+
+    fn state(&self) -> Result<TaskState> {
+        let mut state = TaskState::of(&[("model", &self.map)], &self.itm)?;
+        let miner = self.miner.weights_hash.clone();
+        state.meta.insert("miner".into(), miner.into());
+        Ok(state)
+    }
+
+    fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &serde_json::Value,
+    ) -> Result<()> {
+        if meta["miner"].as_str() != Some(self.miner.weights_hash.as_str()) {
+            return Err(Error::Checkpoint(format!(
+                "this cross-encoder was trained with negatives mined by another run (weights {}), \
+                 not {} ({}): resume with the same --from run",
+                meta["miner"],
+                self.miner.dir.display(),
+                self.miner.weights_hash
             )));
         }
-        let lr = lr_at(&tc.schedule, tc.optim.lr, step, tc.steps);
-        optim::backward_step(&loss, &sorted_vars(&map), &mut adam, tc.optim.grad_clip, lr)?;
-        let pairs_s = ((step + 1) as usize * n) as f64 / started.elapsed().as_secs_f64();
-        meta.loss = Some(value);
-        metrics.write(
-            &json!({"step": step + 1, "loss/itm": value, "lr": lr, "pairs_per_s": pairs_s}),
-        )?;
-        bar.set_position(step + 1);
-        bar.set_message(format!("itm {value:.4} lr {lr:.2e} {pairs_s:.1} pos/s"));
-        if tc.save_every > 0 && (step + 1) % tc.save_every == 0 && step + 1 < tc.steps {
-            meta.step = step + 1;
-            save(out, &map, &meta)?;
-        }
+        let maps = [("model", &self.map)];
+        TaskState::restore(&maps, &mut self.itm, tensors, meta, &self.miner.device)
     }
-    bar.finish();
-    meta.step = tc.steps;
-    save(out, &map, &meta)?;
-    CrossRun::open(out, device)
+
+    fn write_run_files(&self, dir: &RunDir) -> Result<()> {
+        self.data.tokenizer.save(dir.path())?;
+        Ok(())
+    }
+
+    fn export(&self, dir: &RunDir, step: u64, loss: f64) -> Result<()> {
+        checkpoint::save_model(
+            &dir.cross_weights(),
+            &self.map,
+            &dir.cross_config(),
+            &self.saved_meta(step, Some(loss)),
+        )
+    }
+}
+
+/// Trains a cross-encoder the size of `miner`'s model on `miner`'s training
+/// split in `out`; with `resume`, continues a killed training there. Returns
+/// it opened.
+pub fn train_cross(
+    miner: &Run,
+    out: &Path,
+    tc: &CrossTrainConfig,
+    quiet: bool,
+    resume: bool,
+) -> Result<CrossRun> {
+    let dir = RunDir::create(out)?;
+    if !resume && dir.cross_config().exists() && dir.cross_weights().exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a cross-encoder: choose another output directory, remove it, \
+             or pass --resume to continue its training",
+            out.display()
+        )));
+    }
+    let task = CrossTask::new(miner, tc)?;
+    let mut run = Loop::start(task, tc.loop_config(), dir, resume)?;
+    run.run(quiet)?;
+    CrossRun::open(out, &miner.device)
 }
 
 impl CrossRun {
     /// Opens a directory written by [`train_cross`].
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
-        let meta_path = dir.join(CROSS_CONFIG_FILE);
-        let text = std::fs::read_to_string(&meta_path).map_err(|source| Error::Io {
-            path: meta_path.clone(),
-            source,
-        })?;
-        let meta: SavedMeta = serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: meta_path.clone(),
-            message: e.to_string(),
-        })?;
-        let weights = dir.join(CROSS_WEIGHTS_FILE);
+        let run_dir = RunDir::new(dir);
+        let meta: SavedMeta = run_dir.read_json(&run_dir.cross_config())?;
+        let weights = run_dir.cross_weights();
         let tensors = candle_core::safetensors::load(&weights, device)
             .map_err(|e| Error::Checkpoint(format!("{}: {e}", weights.display())))?;
         let model = load_frozen(&tensors, &weights, device, |vb| {
@@ -308,8 +375,14 @@ impl CrossRun {
             image: meta.image,
             step: meta.step,
             loss: meta.loss,
+            planned_steps: meta.train.steps,
             device: device.clone(),
         })
+    }
+
+    /// Whether its training ran to the end (not killed or interrupted).
+    pub fn finished(&self) -> bool {
+        self.step >= self.planned_steps
     }
 
     /// A scorer over every image and caption of `data`.

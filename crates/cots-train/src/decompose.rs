@@ -6,41 +6,37 @@
 //! learning whose negatives come from both modalities
 //! ([`cots_objectives::bimodal`]) on a (small) target set: the training
 //! split of the cross-encoder's data, optionally cut to `target_items`.
+//! [`DecomposeTask`] is that training; the one [`Loop`] runs it.
 //!
-//! The output directory is a run that [`crate::inference::Run::open`] serves
-//! like a COTS run (eval, embed, search): `config.toml` (the data and image
-//! transform), `decomposed.json` (model config), `tokenizer.json`, and,
-//! written atomically at every save, `decomposed.safetensors` and
-//! `decompose.json` (training config, source, step, loss), plus
-//! `metrics.jsonl`. A crash leaves the last save intact; training restarts
-//! from step 0 (no resume).
+//! The output folder ([`RunDir`]) is a run that [`crate::inference::Run::open`]
+//! serves like a COTS run (eval, embed, search): `config.toml` (the data and
+//! image transform), `decomposed.json` (model config), `tokenizer.json`, the
+//! loop's checkpoints and `metrics.jsonl`, and, written atomically after every
+//! checkpoint, `decomposed.safetensors` and `decompose.json` (training
+//! config, source, step, loss). A killed decomposition resumes exactly.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
-use candle_core::DType;
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use cots_data::{Loader, LoaderConfig, LoaderPosition, Split};
+use cots_data::{Batch, LoaderConfig, Split};
 use cots_encoders::decomposed::{self, Decomposed, Pooling};
 use cots_objectives::bimodal::{Bimodal, BimodalConfig};
-use cots_objectives::{Objectives, StepInputs};
-use cots_ops::SeededRng;
+use cots_objectives::{Objectives, StepFeatures};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::cross::{CrossRun, CROSS_WEIGHTS_FILE};
-use crate::inference::{Run, CONFIG_FILE, DECOMPOSED_FILE, DECOMPOSED_WEIGHTS};
-use crate::metrics::{progress_bar, MetricsWriter};
+use crate::cross::CrossRun;
+use crate::inference::Run;
 use crate::model::{seed_init, sorted_vars};
-use crate::optim::{self, AdamW, OptimConfig};
-use crate::schedule::{lr_at, ScheduleConfig};
+use crate::optim::OptimConfig;
+use crate::run_dir::RunDir;
+use crate::schedule::ScheduleConfig;
+use crate::train_loop::{Forward, Loop, LoopConfig, StepContext, Task, TaskData, TaskState};
 use crate::trainer::load_dataset;
 use crate::{checkpoint, Error, Result};
-
-/// Training record of a decomposed run.
-pub const DECOMPOSE_META: &str = "decompose.json";
 
 /// Settings of [`decompose`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,20 +95,22 @@ struct SavedMeta {
 
 /// The step of the last save of the decomposed run in `dir` (0 when the
 /// record is absent).
-pub fn saved_step(dir: &Path) -> Result<u64> {
-    let path = dir.join(DECOMPOSE_META);
-    if !path.exists() {
+pub fn saved_step(dir: &RunDir) -> Result<u64> {
+    if !dir.decompose_record().exists() {
         return Ok(0);
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let meta: SavedMeta = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let meta: SavedMeta = dir.read_json(&dir.decompose_record())?;
     Ok(meta.step)
+}
+
+/// Whether the decomposition in `dir` ran to the end (its record's step
+/// reached its planned steps).
+pub fn finished(dir: &RunDir) -> Result<bool> {
+    if !dir.decompose_record().exists() {
+        return Ok(false);
+    }
+    let meta: SavedMeta = dir.read_json(&dir.decompose_record())?;
+    Ok(meta.step >= meta.train.steps)
 }
 
 /// A decomposed model over `source`'s weights: the joint stack loaded
@@ -135,139 +133,207 @@ pub fn decomposed_from(
     // Fresh parts first (the seeded init touches every variable), then the
     // source's weights over the shared stack.
     seed_init(map, seed)?;
-    let path = source.dir.join(CROSS_WEIGHTS_FILE);
+    let path = RunDir::new(&source.dir).cross_weights();
     let tensors = cots_encoders::weights::read_safetensors(&path)?;
     cots_encoders::weights::load_tensors(map, &tensors, &path, "joint.", &[])?;
     Ok(model)
 }
 
-fn save(out: &Path, map: &VarMap, meta: &SavedMeta) -> Result<()> {
-    checkpoint::save_model(
-        &out.join(DECOMPOSED_WEIGHTS),
-        map,
-        &out.join(DECOMPOSE_META),
-        meta,
-    )
+impl DecomposeConfig {
+    fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            steps: self.steps,
+            seed: self.seed,
+            optim: self.optim.clone(),
+            schedule: self.schedule.clone(),
+            momentum: 0.0,
+            log_every: 1,
+            eval_every: 0,
+            checkpoint_every: self.save_every,
+            keep_last: 2,
+        }
+    }
 }
 
-/// Decomposes `source` into two encoders trained on the training split of
-/// `data` (a run config; its image transform and text length are replaced
-/// by the cross-encoder's) and writes them to `out`; returns the run opened.
-pub fn decompose(
-    source: &CrossRun,
-    data: &RunConfig,
-    out: &Path,
-    dc: &DecomposeConfig,
-    quiet: bool,
-) -> Result<Run> {
-    if dc.batch_size < 2 || dc.steps == 0 || dc.embed_dim == 0 {
-        return Err(Error::Config(
-            "decompose needs batch_size >= 2, steps >= 1 and embed_dim >= 1".into(),
-        ));
-    }
-    checkpoint::claim_output_dir(
-        out,
-        DECOMPOSED_FILE,
-        DECOMPOSED_WEIGHTS,
-        "a decomposed model",
-    )?;
-    let device = &source.device;
-    let map = VarMap::new();
-    let model = decomposed_from(source, dc.embed_dim, dc.pooling, dc.seed, &map)?;
-    let mut adam = AdamW::new(sorted_vars(&map), &dc.optim)?;
-    let mut objective = Objectives::new(None, None);
-    objective.push(1.0, Box::new(Bimodal::new(&dc.loss)?))?;
+/// The decomposition's training: the two encoders over the cross-encoder's
+/// weights, the bimodal-negative loss, the target set.
+pub struct DecomposeTask<'a> {
+    source: &'a CrossRun,
+    dc: DecomposeConfig,
+    /// The data config written with the run (the cross-encoder's image
+    /// transform and text length).
+    run_cfg: RunConfig,
+    map: VarMap,
+    model: Decomposed,
+    objective: Objectives,
+    /// The training split, tokenizer and batching.
+    data: TaskData,
+}
 
-    let mut run_cfg = data.clone();
-    run_cfg.data.image = source.image.clone();
-    run_cfg.data.max_text_len = source.cfg.max_text_len;
-    let mut train = load_dataset(&run_cfg)?.split(Split::Train)?;
-    if dc.target_items > 0 {
-        train.items.truncate(dc.target_items);
-    }
-    let mut loader = Loader::new(
-        Arc::new(train),
-        Arc::new(source.tokenizer.clone()),
-        LoaderConfig {
+impl<'a> DecomposeTask<'a> {
+    /// `source` taken apart, to be trained on the training split of `data`
+    /// (a run config; its image transform and text length are replaced by
+    /// the cross-encoder's).
+    pub fn new(source: &'a CrossRun, data: &RunConfig, dc: &DecomposeConfig) -> Result<Self> {
+        if dc.batch_size < 2 || dc.steps == 0 || dc.embed_dim == 0 {
+            return Err(Error::Config(
+                "decompose needs batch_size >= 2, steps >= 1 and embed_dim >= 1".into(),
+            ));
+        }
+        let map = VarMap::new();
+        let model = decomposed_from(source, dc.embed_dim, dc.pooling, dc.seed, &map)?;
+        let mut objective = Objectives::new(None, None);
+        objective.push(1.0, Box::new(Bimodal::new(&dc.loss)?))?;
+        let mut run_cfg = data.clone();
+        run_cfg.data.image = source.image.clone();
+        run_cfg.data.max_text_len = source.cfg.max_text_len;
+        let mut train = load_dataset(&run_cfg)?.split(Split::Train)?;
+        if dc.target_items > 0 {
+            train.items.truncate(dc.target_items);
+        }
+        let loader = LoaderConfig {
             batch_size: dc.batch_size,
             seed: dc.seed,
             max_text_len: source.cfg.max_text_len,
             image: source.image.clone(),
             on_bad_input: run_cfg.data.on_bad_input,
             ..LoaderConfig::default()
-        },
-        LoaderPosition::default(),
-    )?;
-    checkpoint::write_atomic(&out.join(CONFIG_FILE), run_cfg.to_toml()?.as_bytes())?;
-    source.tokenizer.save(out)?;
-    model.config().save(out.join(DECOMPOSED_FILE))?;
-    let mut meta = SavedMeta {
-        train: dc.clone(),
-        source: source.dir.display().to_string(),
-        source_hash: source.weights_hash.clone(),
-        step: 0,
-        loss: None,
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics_path);
-    let mut metrics = MetricsWriter::open(&metrics_path)?;
+        };
+        Ok(Self {
+            source,
+            dc: dc.clone(),
+            run_cfg,
+            map,
+            model,
+            objective,
+            data: TaskData {
+                train: Arc::new(train),
+                tokenizer: Arc::new(source.tokenizer.clone()),
+                loader,
+            },
+        })
+    }
+}
 
-    let bar = progress_bar("decompose ", dc.steps, quiet);
-    let started = Instant::now();
-    for step in 0..dc.steps {
-        let b = loader.next_batch()?;
+impl Task for DecomposeTask<'_> {
+    /// The step's features, detached: the queue of past batches takes them.
+    type Keep = StepFeatures;
+
+    fn label(&self) -> &str {
+        "decompose"
+    }
+
+    fn data(&self) -> TaskData {
+        self.data.clone()
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        sorted_vars(&self.map)
+    }
+
+    fn forward(&mut self, b: &Batch, ctx: &StepContext) -> Result<Forward<StepFeatures>> {
+        let device = &self.source.device;
         let pixels = b.pixels.to_device(device)?;
         let ids = b.input_ids.to_device(device)?;
         let mask = b.attention_mask.to_device(device)?;
-        let image_ids = b.image_ids.to_device(device)?;
-        let rng = SeededRng::new(dc.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
-        let f = model.encode_image(&pixels, Some(&rng))?;
-        let t = model.encode_text(&ids, &mask, Some(&rng))?;
-        let temperature = model.temperature()?;
-        let inputs = StepInputs {
-            image_embed: &f,
-            text_embed: &t,
-            image_embed_m: None,
-            text_embed_m: None,
-            image_ids: &image_ids,
-            temperature: &temperature,
-            pair_weights: None,
-            mlm: None,
-            mvm: None,
-            itm: None,
-        };
-        let losses = objective.losses(&inputs)?;
-        let mut record = json!({"step": step + 1});
-        for term in &losses.terms {
-            let v = term.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            record[format!("loss/{}", term.name)] = json!(v);
+        let rng = ctx.dropout();
+        let features = StepFeatures::new(
+            self.model.encode_image(&pixels, Some(&rng))?,
+            self.model.encode_text(&ids, &mask, Some(&rng))?,
+            b.image_ids.to_device(device)?,
+            self.model.temperature()?,
+        );
+        Ok(Forward {
+            losses: self.objective.losses(&features)?,
+            stats: Vec::new(),
+            keep: features.detached()?,
+        })
+    }
+
+    fn after_step(&mut self, kept: Vec<StepFeatures>) -> Result<()> {
+        for features in &kept {
+            self.objective.after_step(features)?;
         }
-        let loss = losses.total;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            return Err(Error::NonFinite(format!(
-                "decompose: the loss is {value} at step {step}; the last save in {} is intact",
-                out.display()
+        Ok(())
+    }
+
+    fn state(&self) -> Result<TaskState> {
+        let mut state = TaskState::of(&[("model", &self.map)], &self.objective)?;
+        let source = self.source.weights_hash.clone();
+        state.meta.insert("source".into(), source.into());
+        Ok(state)
+    }
+
+    fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &serde_json::Value,
+    ) -> Result<()> {
+        if meta["source"].as_str() != Some(self.source.weights_hash.as_str()) {
+            return Err(Error::Checkpoint(format!(
+                "this decomposition started from another cross-encoder (weights {}), not {} \
+                 ({}): resume with the same --from",
+                meta["source"],
+                self.source.dir.display(),
+                self.source.weights_hash
             )));
         }
-        let lr = lr_at(&dc.schedule, dc.optim.lr, step, dc.steps);
-        optim::backward_step(&loss, &sorted_vars(&map), &mut adam, dc.optim.grad_clip, lr)?;
-        objective.after_step(&inputs)?;
-        let pairs_s =
-            ((step + 1) as usize * dc.batch_size) as f64 / started.elapsed().as_secs_f64();
-        record["lr"] = json!(lr);
-        record["pairs_per_s"] = json!(pairs_s);
-        metrics.write(&record)?;
-        meta.loss = Some(value);
-        bar.set_position(step + 1);
-        bar.set_message(format!("loss {value:.4} lr {lr:.2e} {pairs_s:.1} pairs/s"));
-        if dc.save_every > 0 && (step + 1) % dc.save_every == 0 && step + 1 < dc.steps {
-            meta.step = step + 1;
-            save(out, &map, &meta)?;
-        }
+        let maps = [("model", &self.map)];
+        TaskState::restore(
+            &maps,
+            &mut self.objective,
+            tensors,
+            meta,
+            &self.source.device,
+        )
     }
-    bar.finish();
-    meta.step = dc.steps;
-    save(out, &map, &meta)?;
-    Run::open(out, device)
+
+    fn write_run_files(&self, dir: &RunDir) -> Result<()> {
+        dir.write_config(&self.run_cfg)?;
+        self.data.tokenizer.save(dir.path())?;
+        self.model.config().save(dir.decomposed_config())?;
+        Ok(())
+    }
+
+    fn export(&self, dir: &RunDir, step: u64, loss: f64) -> Result<()> {
+        let meta = SavedMeta {
+            train: self.dc.clone(),
+            source: self.source.dir.display().to_string(),
+            source_hash: self.source.weights_hash.clone(),
+            step,
+            loss: Some(loss),
+        };
+        checkpoint::save_model(
+            &dir.decomposed_weights(),
+            &self.map,
+            &dir.decompose_record(),
+            &meta,
+        )
+    }
+}
+
+/// Decomposes `source` into two encoders trained on the training split of
+/// `data` (a run config; its image transform and text length are replaced
+/// by the cross-encoder's) in `out`; with `resume`, continues a killed
+/// decomposition there. Returns the run opened.
+pub fn decompose(
+    source: &CrossRun,
+    data: &RunConfig,
+    out: &Path,
+    dc: &DecomposeConfig,
+    quiet: bool,
+    resume: bool,
+) -> Result<Run> {
+    let dir = RunDir::create(out)?;
+    if !resume && dir.decomposed_config().exists() && dir.decomposed_weights().exists() {
+        return Err(Error::Config(format!(
+            "{} already holds a decomposed model: choose another output directory, remove it, \
+             or pass --resume to continue its training",
+            out.display()
+        )));
+    }
+    let task = DecomposeTask::new(source, data, dc)?;
+    let mut run = Loop::start(task, dc.loop_config(), dir, resume)?;
+    run.run(quiet)?;
+    Run::open(out, &source.device)
 }

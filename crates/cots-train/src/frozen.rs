@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
 use candle_core::{DType, Tensor};
+use cots_encoders::two_stream::TwoStream;
 
 use crate::Result;
 
@@ -49,6 +50,55 @@ impl Default for FeatureCache {
             misses: 0,
         }
     }
+}
+
+/// A tower whose weights never change during training, seen through its
+/// pooled output: the pretrained CNN image tower, or a locked text tower
+/// (`model.lock_text`). The trained projection on top (and its momentum
+/// copy) reads the pooled features, remembered per input in `cache`.
+#[derive(Debug, Default)]
+pub struct FrozenTower {
+    pub cache: FeatureCache,
+}
+
+impl FrozenTower {
+    /// The `[B, D]` pooled features of the CNN image tower for `[B, 3, H, W]`
+    /// pixels.
+    pub fn image(&mut self, model: &TwoStream, pixels: &Tensor) -> Result<Tensor> {
+        let device = pixels.device().clone();
+        self.cache.features(
+            pixels.dim(0)?,
+            || pixel_keys(pixels),
+            |picked| {
+                let rows = pixels.index_select(&row_index(picked, &device)?, 0)?;
+                let hidden = model.encode_image(&rows, None, None)?.hidden;
+                Ok(hidden.get_on_dim(1, 0)?)
+            },
+            &device,
+        )
+    }
+
+    /// The `[B, D]` pooled states of the locked text tower (no dropout,
+    /// detached) for `[B, L]` ids and attention mask.
+    pub fn text(&mut self, model: &TwoStream, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let device = ids.device().clone();
+        self.cache.features(
+            ids.dim(0)?,
+            || text_keys(ids, mask),
+            |picked| {
+                let idx = row_index(picked, &device)?;
+                let (ids, mask) = (ids.index_select(&idx, 0)?, mask.index_select(&idx, 0)?);
+                let hidden = model.text().forward(&ids, None, Some(&mask), None)?;
+                Ok(model.pool_text(&hidden, Some(&mask))?.detach())
+            },
+            &device,
+        )
+    }
+}
+
+fn row_index(picked: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    let idx: Vec<u32> = picked.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::new(idx, device)?)
 }
 
 /// A fixed-seed hash of 32-bit values, so that keys are the same in every

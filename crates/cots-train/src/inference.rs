@@ -27,13 +27,8 @@ use rayon::prelude::*;
 
 use crate::config::RunConfig;
 use crate::model::MODEL_PREFIX;
+use crate::run_dir::{RunDir, RunKind};
 use crate::{checkpoint, Error, Result};
-
-pub const CONFIG_FILE: &str = "config.toml";
-pub const MODEL_FILE: &str = "model.json";
-pub const CHECKPOINTS: &str = "checkpoints";
-pub const DECOMPOSED_FILE: &str = "decomposed.json";
-pub const DECOMPOSED_WEIGHTS: &str = "decomposed.safetensors";
 
 /// Images per encoder batch at inference.
 const BATCH: usize = 64;
@@ -197,20 +192,21 @@ impl Run {
     /// Opens `dir`: a COTS run (newest complete checkpoint's online weights)
     /// or a decomposed one.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
-        let cfg = RunConfig::load(&dir.join(CONFIG_FILE))?;
+        let run_dir = RunDir::new(dir);
+        let cfg = run_dir.read_config()?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        let (model, weights, step) = if dir.join(DECOMPOSED_FILE).exists() {
-            let model_cfg = decomposed::Config::load(dir.join(DECOMPOSED_FILE))?;
-            let path = dir.join(DECOMPOSED_WEIGHTS);
+        let (model, weights, step) = if run_dir.kind() == Some(RunKind::Decomposed) {
+            let model_cfg = decomposed::Config::load(run_dir.decomposed_config())?;
+            let path = run_dir.decomposed_weights();
             let weights = cots_encoders::weights::read_safetensors(&path)?;
             let model = load_frozen(&weights, &path, device, |vb| {
                 Decomposed::new(&model_cfg, vb)
             })?;
-            let step = crate::decompose::saved_step(dir)?;
+            let step = crate::decompose::saved_step(&run_dir)?;
             (Encoders::Decomposed(model), weights, step)
         } else {
-            let model_cfg = two_stream::Config::load(dir.join(MODEL_FILE))?;
-            let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
+            let model_cfg = two_stream::Config::load(run_dir.model_config())?;
+            let ckpt = run_dir.latest_checkpoint()?.ok_or_else(|| {
                 Error::Checkpoint(format!(
                     "{} has no complete checkpoint (train it first, or check the path)",
                     dir.display()

@@ -5,15 +5,18 @@
 //!   frozen visual tokenizer) and the forward half of a step;
 //! - [`frozen`]: features of frozen towers (locked text, pretrained CNN)
 //!   remembered per input;
-//! - [`trainer`]: the loop: data, step order, clipping, AdamW, EMA, enqueue,
-//!   logging, validation, atomic checkpoints, exact resume;
+//! - [`train_loop`]: the one training loop over a [`train_loop::Task`]:
+//!   accumulation, clipping, AdamW, EMA, logging, validation, atomic
+//!   checkpoints, exact resume, SIGINT/SIGTERM;
+//! - [`trainer`]: the COTS task (and `Trainer`, the loop over it);
+//! - [`run_dir`]: the layout of a run folder, the only code naming its files;
 //! - [`optim`], [`schedule`]: AdamW with decay groups, warm-up + cosine;
 //! - [`checkpoint`], [`metrics`]: what is written to disk;
 //! - [`inference`]: loading a trained run to evaluate, embed and search;
-//! - [`cross`]: the single-stream baseline: ITM training with mined hard
+//! - [`cross`]: the single-stream baseline: the ITM task with mined hard
 //!   negatives, all-pairs scoring, two-stage re-ranking;
 //! - [`decompose`]: VLDeformer: the single-stream model taken apart into
-//!   two encoders and trained with bimodal negatives;
+//!   two encoders, a task trained with bimodal negatives;
 //! - [`compare`]: single-stream, decomposed, COTS and the hybrid on one
 //!   test set: recall, time, speed ratio, recall drop.
 
@@ -28,8 +31,10 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod query;
+pub mod run_dir;
 pub mod schedule;
 pub mod tokenizer_train;
+pub mod train_loop;
 pub mod trainer;
 
 use std::path::PathBuf;

@@ -3,8 +3,9 @@
 //!
 //! The step order is the one the objectives crate documents: forward passes
 //! (clean, momentum, masked, dVAE codes as the objectives need) -> AMF weights
-//! -> losses. Backward, the optimizer, the EMA update and the enqueue are done
-//! by the trainer, in that order, after [`System::forward`].
+//! -> losses. Backward, the optimizer and the EMA update are done by the loop
+//! ([`crate::train_loop::Loop`]) after [`System::forward`]; then
+//! [`System::enqueue`].
 
 use std::path::Path;
 
@@ -12,13 +13,14 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cots_encoders::dvae::{self, Dvae};
 use cots_encoders::momentum::Momentum;
-use cots_encoders::two_stream::{self, ImageOutput, TwoStream};
+use cots_encoders::two_stream::{self, TwoStream};
 use cots_objectives::{
-    amf::AmfStats, Dims, Losses, MlmInputs, MvmInputs, Objectives, ObjectivesConfig, StepInputs,
+    amf::AmfStats, Dims, Losses, MaskedImage, MaskedText, MomentumFeatures, Objectives,
+    ObjectivesConfig, StepFeatures,
 };
 use cots_ops::SeededRng;
 
-use crate::frozen::{self, FeatureCache};
+use crate::frozen::FrozenTower;
 use crate::{Error, Result};
 
 /// Prefix of the towers' variables in the online and momentum maps.
@@ -37,25 +39,111 @@ pub struct StepBatch {
     pub attention_mask: Tensor,
     /// `[B]` u32, captions of one image share it.
     pub image_ids: Tensor,
-    /// Masked-language-modeling inputs: `([B, L]` u32 masked ids, `[B, L]` i64
-    /// labels with -100 where not masked), when the objectives need them.
-    pub mlm: Option<(Tensor, Tensor)>,
-    /// `[B, N]` u8 patch mask for masked vision modeling, when needed.
-    pub patch_mask: Option<Tensor>,
+    /// Masked-language-modeling inputs, when the objectives need them.
+    pub mlm: Option<MaskedTextBatch>,
+    /// Masked-vision-modeling inputs, when the objectives need them.
+    pub mvm: Option<MaskedPatchBatch>,
+}
+
+/// Masked-language-modeling inputs of a batch.
+///
+/// The masks are drawn on the host, so the masked positions are found there
+/// too, once, and uploaded with the batch: the loss then gathers them on the
+/// device without reading anything back.
+#[derive(Clone, Debug)]
+pub struct MaskedTextBatch {
+    /// `[B, L]` u32: the token ids after masking, input of the masked text pass.
+    pub input_ids: Tensor,
+    /// `[M]` u32: the masked positions, flat `b * L + l`, ascending.
+    pub positions: Tensor,
+    /// `[M]` u32: the original token id at each of `positions`.
+    pub targets: Tensor,
+}
+
+impl MaskedTextBatch {
+    /// From the host output of [`cots_data::masking::mlm_mask`] for a
+    /// `[B, L]` batch: `masked_ids`, and `labels` holding the original id
+    /// where a token was masked and a negative value elsewhere. Every
+    /// original id must be below `vocab`, the MLM head's output size.
+    pub fn from_host(
+        masked_ids: Vec<u32>,
+        labels: &[i64],
+        (b, l): (usize, usize),
+        vocab: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if masked_ids.len() != b * l || labels.len() != b * l {
+            return Err(Error::Config(format!(
+                "masked text: {} ids and {} labels for a [{b}, {l}] batch",
+                masked_ids.len(),
+                labels.len()
+            )));
+        }
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (i, &label) in labels.iter().enumerate() {
+            // Negative labels (-100 by convention) mark unmasked tokens.
+            if label < 0 {
+                continue;
+            }
+            if label as u64 >= vocab as u64 {
+                return Err(Error::Config(format!(
+                    "masked text: label {label} at ({}, {}) is outside the vocabulary of {vocab}",
+                    i / l,
+                    i % l
+                )));
+            }
+            positions.push(i as u32);
+            targets.push(label as u32);
+        }
+        let m = positions.len();
+        Ok(Self {
+            input_ids: Tensor::from_vec(masked_ids, (b, l), device)?,
+            positions: Tensor::from_vec(positions, m, device)?,
+            targets: Tensor::from_vec(targets, m, device)?,
+        })
+    }
+}
+
+/// Masked-vision-modeling inputs of a batch (see [`MaskedTextBatch`] about
+/// why the positions come from the host).
+#[derive(Clone, Debug)]
+pub struct MaskedPatchBatch {
+    /// `[B, N]` u8: 1 where the patch is masked (the ViT swaps in its mask token).
+    pub patch_mask: Tensor,
+    /// `[M]` u32: the masked patches, flat `b * N + n`, ascending.
+    pub positions: Tensor,
+}
+
+impl MaskedPatchBatch {
+    /// From a host patch mask of a `[B, N]` batch (non-zero = masked), as
+    /// [`cots_data::masking::block_mask`] draws it per image.
+    pub fn from_host(mask: Vec<u8>, (b, n): (usize, usize), device: &Device) -> Result<Self> {
+        if mask.len() != b * n {
+            return Err(Error::Config(format!(
+                "patch mask: {} entries for a [{b}, {n}] batch",
+                mask.len()
+            )));
+        }
+        let positions: Vec<u32> = (0..b * n)
+            .filter(|&i| mask[i] != 0)
+            .map(|i| i as u32)
+            .collect();
+        let m = positions.len();
+        Ok(Self {
+            patch_mask: Tensor::from_vec(mask, (b, n), device)?,
+            positions: Tensor::from_vec(positions, m, device)?,
+        })
+    }
 }
 
 /// What one forward pass produced.
 pub struct StepOutput {
     pub losses: Losses,
     pub amf: Option<AmfStats>,
-    /// Kept alive for [`System::after_step`] (the enqueue).
-    image_embed_m: Option<Tensor>,
-    text_embed_m: Option<Tensor>,
-    pair_weights: Option<Tensor>,
-    image_embed: Tensor,
-    text_embed: Tensor,
-    image_ids: Tensor,
-    temperature: Tensor,
+    /// The step's features, detached, kept for [`System::enqueue`] (the
+    /// enqueue) without holding the graph.
+    pub features: StepFeatures,
 }
 
 /// Online model + momentum model + objectives + frozen dVAE.
@@ -69,22 +157,32 @@ pub struct System {
     pub objectives: Objectives,
     pub dvae: Option<Dvae>,
     pub device: Device,
-    /// The text tower is locked (`model.lock_text`): not trained, run
-    /// without dropout, its output detached.
+    /// The pretrained CNN image tower, frozen (`None`: the ViT trains).
+    pub frozen_image: Option<FrozenTower>,
+    /// The text tower, locked (`model.lock_text`; `None`: it trains).
+    pub locked_text: Option<FrozenTower>,
+}
+
+/// Which towers stay fixed, and whether their features are remembered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freeze {
+    /// Lock the text tower (LiT-style): not trained, no dropout, detached.
     pub lock_text: bool,
-    /// Features of the frozen towers (the CNN image tower, a locked text
-    /// tower), remembered per input.
-    pub image_cache: FeatureCache,
-    pub text_cache: FeatureCache,
+    /// Remember the frozen image tower's features per image (off under
+    /// random crops, where images never repeat).
+    pub remember_images: bool,
 }
 
 impl System {
     /// Builds fresh towers (momentum initialised as a copy), the objectives'
-    /// heads and queue, and loads the frozen dVAE when MVM needs it.
+    /// heads and queue, the frozen towers' wrappers as `freeze` says (the CNN
+    /// image tower is always frozen), and loads the frozen dVAE when MVM
+    /// needs it.
     pub fn new(
         cfg: &two_stream::Config,
         objectives: &ObjectivesConfig,
         dvae_path: Option<&Path>,
+        freeze: Freeze,
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
@@ -145,9 +243,12 @@ impl System {
             objectives,
             dvae,
             device: device.clone(),
-            lock_text: false,
-            image_cache: FeatureCache::default(),
-            text_cache: FeatureCache::default(),
+            frozen_image: (!cfg.image_tower.is_vit()).then(|| {
+                let mut t = FrozenTower::default();
+                t.cache.enabled = freeze.remember_images;
+                t
+            }),
+            locked_text: freeze.lock_text.then(FrozenTower::default),
         })
     }
 
@@ -155,55 +256,22 @@ impl System {
     /// the AMF weights and the weighted losses.
     pub fn forward(&mut self, b: &StepBatch, rng: Option<&SeededRng>) -> Result<StepOutput> {
         let needs = self.objectives.needs();
-        let device = self.device.clone();
-        let rows = |picked: &[usize]| -> Result<Tensor> {
-            let idx: Vec<u32> = picked.iter().map(|&i| i as u32).collect();
-            Ok(Tensor::new(idx, &device)?)
+        // A frozen tower's pooled features feed the trained projection (and
+        // the momentum projection); a trained tower runs whole. Video
+        // batches (rank 5) go through the temporal head either way.
+        let image_pooled = match (&mut self.frozen_image, b.pixels.rank()) {
+            (Some(tower), 4) => Some(tower.image(&self.model, &b.pixels)?),
+            _ => None,
         };
-        let img = if self.model.image_tower_frozen() && b.pixels.rank() == 4 {
-            // Pooled CNN features, remembered per image when caching.
-            let model = &self.model;
-            let features = |picked: &[usize]| -> Result<Tensor> {
-                let pixels = b.pixels.index_select(&rows(picked)?, 0)?;
-                Ok(model
-                    .encode_image(&pixels, None, None)?
-                    .hidden
-                    .get_on_dim(1, 0)?)
-            };
-            let pooled = self.image_cache.features(
-                b.pixels.dim(0)?,
-                || frozen::pixel_keys(&b.pixels),
-                features,
-                &device,
-            )?;
-            ImageOutput {
-                embed: self.model.project_image(&pooled, rng)?,
-                hidden: pooled.unsqueeze(1)?,
-            }
-        } else {
-            self.model.encode_image(&b.pixels, None, rng)?
+        let image_embed = match &image_pooled {
+            Some(pooled) => self.model.project_image(pooled, rng)?,
+            None => self.model.encode_image(&b.pixels, None, rng)?.embed,
         };
-        // A locked text tower's pooled states (no dropout, detached),
-        // remembered per caption when caching.
-        let locked_text = if self.lock_text {
-            let model = &self.model;
-            let features = |picked: &[usize]| -> Result<Tensor> {
-                let idx = rows(picked)?;
-                let ids = b.input_ids.index_select(&idx, 0)?;
-                let mask = b.attention_mask.index_select(&idx, 0)?;
-                let hidden = model.text().forward(&ids, None, Some(&mask), None)?;
-                Ok(model.pool_text(&hidden, Some(&mask))?.detach())
-            };
-            Some(self.text_cache.features(
-                b.input_ids.dim(0)?,
-                || frozen::text_keys(&b.input_ids, &b.attention_mask),
-                features,
-                &device,
-            )?)
-        } else {
-            None
+        let text_pooled = match &mut self.locked_text {
+            Some(tower) => Some(tower.text(&self.model, &b.input_ids, &b.attention_mask)?),
+            None => None,
         };
-        let txt_embed = match &locked_text {
+        let text_embed = match &text_pooled {
             Some(pooled) => self.model.project_text(pooled, rng)?,
             None => {
                 self.model
@@ -213,56 +281,69 @@ impl System {
         };
         let temperature = self.model.temperature()?;
 
-        let (image_embed_m, text_embed_m) = if needs.momentum {
-            // The momentum towers run without dropout, like MoCo's key encoder.
-            // A frozen image tower is its own momentum copy, like a locked
-            // text tower below.
-            let f = if self.model.image_tower_frozen() && b.pixels.rank() == 4 {
-                self.model_m
-                    .project_image(&img.hidden.get_on_dim(1, 0)?, None)?
-            } else {
-                self.model_m.encode_image(&b.pixels, None, None)?.embed
-            }
-            .detach();
-            // A locked tower is its own momentum copy (the EMA of constant
-            // weights), so only the momentum projection differs.
-            let t = if let Some(pooled) = &locked_text {
-                self.model_m.project_text(pooled, None)?
-            } else {
-                self.model_m
-                    .encode_text(&b.input_ids, Some(&b.attention_mask), None)?
-                    .embed
-            }
-            .detach();
-            (Some(f), Some(t))
+        let momentum = if needs.momentum {
+            // The momentum towers run without dropout, like MoCo's key
+            // encoder. A frozen tower is its own momentum copy (the EMA of
+            // constant weights), so only the momentum projection differs.
+            let f = match &image_pooled {
+                Some(pooled) => self.model_m.project_image(pooled, None)?,
+                None => self.model_m.encode_image(&b.pixels, None, None)?.embed,
+            };
+            let t = match &text_pooled {
+                Some(pooled) => self.model_m.project_text(pooled, None)?,
+                None => {
+                    self.model_m
+                        .encode_text(&b.input_ids, Some(&b.attention_mask), None)?
+                        .embed
+                }
+            };
+            Some((f.detach(), t.detach()))
         } else {
-            (None, None)
+            None
         };
-        let amf = match (&image_embed_m, &text_embed_m) {
-            (Some(f), Some(t)) => self.objectives.filter(f, t)?,
-            _ => None,
+        let (momentum, amf) = match momentum {
+            Some((image, text)) => {
+                let amf = self.objectives.filter(&image, &text)?;
+                let features = MomentumFeatures {
+                    image,
+                    text,
+                    pair_weights: amf.as_ref().map(|a| a.weights.clone()),
+                };
+                (Some(features), amf.map(|a| a.stats))
+            }
+            None => (None, None),
         };
-        let pair_weights = amf.as_ref().map(|a| a.weights.clone());
 
         let masked_text = match (&b.mlm, needs.masked_text) {
-            (Some((ids, labels)), true) => {
+            (Some(m), true) => {
                 let hidden = self
                     .model
-                    .encode_text(ids, Some(&b.attention_mask), rng)?
+                    .encode_text(&m.input_ids, Some(&b.attention_mask), rng)?
                     .hidden;
-                Some((hidden, labels.clone()))
+                Some(MaskedText {
+                    hidden,
+                    positions: m.positions.clone(),
+                    targets: m.targets.clone(),
+                })
             }
             (None, true) => return Err(Error::Config("MLM needs masked text in the batch".into())),
             _ => None,
         };
-        let masked_image = match (&b.patch_mask, needs.masked_image) {
-            (Some(mask), true) => {
-                let hidden = self.model.encode_image(&b.pixels, Some(mask), rng)?.hidden;
+        let masked_image = match (&b.mvm, needs.masked_image) {
+            (Some(m), true) => {
+                let hidden = self
+                    .model
+                    .encode_image(&b.pixels, Some(&m.patch_mask), rng)?
+                    .hidden;
                 let codes = match &self.dvae {
                     Some(d) => d.codes(&b.pixels)?,
                     None => return Err(Error::Config("MVM needs the visual tokenizer".into())),
                 };
-                Some((hidden, mask.clone(), codes))
+                Some(MaskedImage {
+                    hidden,
+                    positions: m.positions.clone(),
+                    codes,
+                })
             }
             (None, true) => {
                 return Err(Error::Config("MVM needs a patch mask in the batch".into()))
@@ -270,57 +351,23 @@ impl System {
             _ => None,
         };
 
-        let inputs = StepInputs {
-            image_embed: &img.embed,
-            text_embed: &txt_embed,
-            image_embed_m: image_embed_m.as_ref(),
-            text_embed_m: text_embed_m.as_ref(),
-            image_ids: &b.image_ids,
-            temperature: &temperature,
-            pair_weights: pair_weights.as_ref(),
-            mlm: masked_text
-                .as_ref()
-                .map(|(hidden, labels)| MlmInputs { hidden, labels }),
-            mvm: masked_image
-                .as_ref()
-                .map(|(hidden, mask, codes)| MvmInputs {
-                    hidden,
-                    mask,
-                    codes,
-                }),
-            itm: None,
-        };
-        let losses = self.objectives.losses(&inputs)?;
+        let mut features =
+            StepFeatures::new(image_embed, text_embed, b.image_ids.clone(), temperature);
+        features.momentum = momentum;
+        features.masked_text = masked_text;
+        features.masked_image = masked_image;
+        let losses = self.objectives.losses(&features)?;
         Ok(StepOutput {
             losses,
-            amf: amf.map(|a| a.stats),
-            image_embed_m,
-            text_embed_m,
-            pair_weights,
-            image_embed: img.embed.detach(),
-            text_embed: txt_embed.detach(),
-            image_ids: b.image_ids.clone(),
-            temperature: temperature.detach(),
+            amf,
+            features: features.detached()?,
         })
     }
 
-    /// After the optimizer step: EMA update of the momentum towers, then the
-    /// objectives' own updates (the enqueue of the kept momentum keys).
-    pub fn after_step(&mut self, out: &StepOutput, momentum: f64) -> Result<()> {
-        self.ema.update(momentum)?;
-        let inputs = StepInputs {
-            image_embed: &out.image_embed,
-            text_embed: &out.text_embed,
-            image_embed_m: out.image_embed_m.as_ref(),
-            text_embed_m: out.text_embed_m.as_ref(),
-            image_ids: &out.image_ids,
-            temperature: &out.temperature,
-            pair_weights: out.pair_weights.as_ref(),
-            mlm: None,
-            mvm: None,
-            itm: None,
-        };
-        self.objectives.after_step(&inputs)?;
+    /// After the optimizer and EMA updates: the objectives' own updates (the
+    /// enqueue of the kept momentum keys) from the step's detached features.
+    pub fn enqueue(&mut self, out: &StepOutput) -> Result<()> {
+        self.objectives.after_step(&out.features)?;
         Ok(())
     }
 
@@ -328,10 +375,10 @@ impl System {
     /// the CNN image tower.
     pub fn frozen_prefixes(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.lock_text {
+        if self.locked_text.is_some() {
             out.push(format!("{MODEL_PREFIX}.text."));
         }
-        if self.model.image_tower_frozen() {
+        if self.frozen_image.is_some() {
             out.push(format!("{MODEL_PREFIX}.vision."));
         }
         out

@@ -1,65 +1,42 @@
-//! The training loop.
+//! The COTS task: two towers, their momentum copies, the objectives and the
+//! frozen visual tokenizer, trained by the one [`Loop`].
 //!
-//! One optimizer step = `accumulation` micro-batches, each: forward passes,
-//! AMF weights and losses ([`System::forward`]), a finite check, backward;
-//! then gradient averaging, global-norm clipping, AdamW at the scheduled
-//! rate, the EMA update of the momentum towers, and the enqueue of every
-//! micro-batch's kept momentum keys.
-//!
-//! Randomness (dropout, MLM and patch masks) is drawn from generators seeded
-//! by `(seed, step, micro-batch)`, and the loader's order is a function of
-//! `(seed, epoch)`; together with the checkpointed optimizer, queues, filter
-//! statistics and data position this makes a resumed run reproduce the loss
-//! curve of an uninterrupted one exactly on the CPU.
+//! [`Cots::new`] builds the complete system from a [`RunConfig`] (towers,
+//! pretrained weights, frozen parts, objectives, data); [`Trainer`] is the
+//! loop over it. A micro-batch becomes a [`StepBatch`] (MLM and patch masks
+//! drawn from generators seeded by the step), [`System::forward`] gives the
+//! named losses, and after the optimizer and EMA updates every micro-batch's
+//! momentum keys are enqueued.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use cots_data::masking::{block_mask, mlm_mask};
 use cots_data::synthetic::vocabulary;
 use cots_data::video::{self, MissingPolicy};
-use cots_data::{manifest, Dataset, Loader, LoaderConfig, LoaderPosition, Split};
+use cots_data::{manifest, Dataset, LoaderConfig, Split};
+use cots_encoders::momentum::Momentum;
 use cots_encoders::weights::{self, HfBertDir};
 use cots_encoders::{efficientnet, temporal, two_stream};
 use cots_eval::RetrievalReport;
-use cots_objectives::ObjectiveState;
-use cots_ops::SeededRng;
 use cots_text::TextTokenizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::config::{DataKind, RunConfig};
-use crate::inference::{self, CHECKPOINTS, CONFIG_FILE, MODEL_FILE};
-use crate::metrics::{self, MetricsWriter};
-use crate::model::{sorted_vars, StepBatch, System, MODEL_PREFIX};
-use crate::optim::{self, AdamW, Grads};
-use crate::schedule::lr_at;
+use crate::inference;
+use crate::model::{sorted_vars, Freeze, StepBatch, StepOutput, System, MODEL_PREFIX};
+use crate::run_dir::RunDir;
+use crate::train_loop::{Forward, Loop, LoopConfig, StepContext, Task, TaskData, TaskState};
 use crate::{checkpoint, Error, Result};
 
-/// What one optimizer step did.
-#[derive(Clone, Debug)]
-pub struct StepLog {
-    pub step: u64,
-    pub lr: f64,
-    pub loss: f64,
-    pub terms: Vec<(String, f64)>,
-    pub grad_norm: f64,
-    pub amf_filtered: Option<f64>,
-    pub pairs_per_s: f64,
-}
+pub use crate::train_loop::{RunSummary, StepLog};
 
-/// What a finished run reports.
-#[derive(Clone, Debug)]
-pub struct RunSummary {
-    pub steps: u64,
-    pub seconds: f64,
-    pub final_loss: f64,
-    pub checkpoint: PathBuf,
-}
+/// COTS training: the loop over the [`Cots`] task.
+pub type Trainer = Loop<Cots>;
 
 /// Loads the dataset a run config names.
 pub fn load_dataset(cfg: &RunConfig) -> Result<Dataset> {
@@ -187,110 +164,50 @@ fn model_config(cfg: &RunConfig, vocab: usize) -> Result<two_stream::Config> {
     Ok(m)
 }
 
-fn derived_seed(seed: u64, step: u64, micro: u64, salt: u64) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-        ^ micro.wrapping_mul(0x94D0_49BB_1331_11EB)
-        ^ salt
-}
-
-/// A training run.
-pub struct Trainer {
+/// The COTS task: the system built complete from a run config, and its data.
+pub struct Cots {
     pub cfg: RunConfig,
     pub system: System,
     pub tokenizer: Arc<TextTokenizer>,
+    /// The whole dataset (validation and test splits are read from it).
     data: Arc<Dataset>,
-    /// The training split and the loader's settings, kept so that
-    /// [`Trainer::peek_batch`] can rebuild the next batch.
+    /// The training split as the loader reads it.
     train: Arc<Dataset>,
     loader_cfg: LoaderConfig,
-    loader: Loader,
-    optim: AdamW,
-    step: u64,
-    out: PathBuf,
-    metrics: MetricsWriter,
     device: Device,
 }
 
-impl Trainer {
-    /// Prepares a run in `cfg.train.out`; with `resume`, continues from its
-    /// newest complete checkpoint.
-    pub fn new(mut cfg: RunConfig, device: &Device, resume: bool) -> Result<Self> {
+impl Cots {
+    /// Builds the system of `cfg` on `device`: towers (pretrained where the
+    /// config says), frozen parts, momentum copies, objectives, data.
+    pub fn new(mut cfg: RunConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let out = cfg.train.out.clone();
-        std::fs::create_dir_all(&out).map_err(|source| Error::Io {
-            path: out.clone(),
-            source,
-        })?;
         let data = load_dataset(&cfg)?;
         let tokenizer = make_tokenizer(&cfg, &data)?;
         let model_cfg = model_config(&cfg, tokenizer.vocab_size())?;
         // The data must be cut to the size the ViT was built for.
         cfg.data.image.size = model_cfg.vision.image_size;
+        let freeze = Freeze {
+            lock_text: cfg.model.lock_text,
+            // Random crops make every image new: nothing to remember.
+            remember_images: cfg.data.random_crop.is_none(),
+        };
         let mut system = System::new(
             &model_cfg,
             &cfg.objectives,
             cfg.model.dvae.as_deref(),
+            freeze,
             device,
             cfg.train.seed,
         )?;
-
-        if let Some(dir) = &cfg.model.text_init {
-            let hf = HfBertDir::open(dir)?;
-            let report = hf.load_into(&system.online, &format!("{MODEL_PREFIX}.text."))?;
-            tracing::info!(
-                "text tower initialised from {} ({} tensors)",
-                dir.display(),
-                report.loaded.len()
-            );
-        }
-        match (&cfg.model.image_init, &cfg.model.init) {
-            (Some(path), _) => {
-                if model_cfg.image_tower.is_vit() {
-                    return Err(Error::Config(format!(
-                        "model.image_init ({}) is for a pretrained CNN image tower: set \
-                         image_tower = \"efficientnet-lite0\" in [model.two_stream], or remove it",
-                        path.display()
-                    )));
-                }
-                let tensors = efficientnet::load_weights(path)?;
-                let report = weights::load_tensors(
-                    &system.online,
-                    &tensors,
-                    path,
-                    &format!("{MODEL_PREFIX}.vision."),
-                    &[],
-                )?;
-                tracing::info!(
-                    "image tower initialised from {} ({} tensors, {} unused)",
-                    path.display(),
-                    report.loaded.len(),
-                    report.unexpected.len()
-                );
-            }
-            (None, None) if !model_cfg.image_tower.is_vit() => {
-                return Err(Error::Config(
-                    "the CNN image tower is frozen, so it needs pretrained weights: set \
-                     model.image_init to the EfficientNet-Lite0 .pth (see configs/emoji-effnet.toml) \
-                     or model.init to a run that has them"
-                        .into(),
-                ))
-            }
-            _ => {}
-        }
-        if let Some(dir) = &cfg.model.init {
-            init_towers(&system, dir)?;
-        }
+        load_pretrained(&cfg, &model_cfg, &system)?;
         system.ema.copy_from_online()?;
-        system.lock_text = cfg.model.lock_text;
         // Frozen towers now equal their momentum copies for good: the
         // per-step EMA skips them (27 M of MiniLM + EfficientNet weights).
         let frozen = system.frozen_prefixes();
         system
             .ema
             .retain(|n| !frozen.iter().any(|p| n.starts_with(p)));
-        // Random crops make every image new: nothing to remember.
-        system.image_cache.enabled = cfg.data.random_crop.is_none();
         if cfg.is_video() && system.objectives.needs().masked_image {
             return Err(Error::Config(
                 "masked vision modeling is not supported on video data (MLM is: it reads the \
@@ -298,8 +215,6 @@ impl Trainer {
                     .into(),
             ));
         }
-
-        let optim = AdamW::new(system.trainable(), &cfg.optim)?;
         let mut train = data.split(Split::Train)?;
         if cfg.data.noisy_pairs > 0.0 {
             let noisy =
@@ -310,45 +225,6 @@ impl Trainer {
                 train.items.len()
             );
         }
-        let train = Arc::new(train);
-        let tokenizer = Arc::new(tokenizer);
-        let mut start = LoaderPosition::default();
-        let mut step = 0;
-        let mut trainer_optim = optim;
-
-        let ckpt_dir = out.join(CHECKPOINTS);
-        if resume {
-            // A damaged newest checkpoint is skipped with a warning naming it.
-            let Some((latest, tensors, meta)) = checkpoint::load_latest(&ckpt_dir)? else {
-                return Err(Error::Checkpoint(format!(
-                    "--resume: {} has no complete checkpoint",
-                    ckpt_dir.display()
-                )));
-            };
-            restore(&mut system, &mut trainer_optim, &tensors, &meta)?;
-            step = meta["step"].as_u64().unwrap_or(0);
-            start = serde_json::from_value(meta["loader"].clone()).map_err(|e| {
-                Error::Checkpoint(format!("{}: loader position: {e}", latest.display()))
-            })?;
-            metrics::truncate_from(&out.join("metrics.jsonl"), step + 1)?;
-            tracing::info!("resumed from {} at step {step}", latest.display());
-        } else {
-            // A fresh run must not mix with an older one's checkpoints, even
-            // damaged ones.
-            if !checkpoint::list(&ckpt_dir)?.is_empty() {
-                return Err(Error::Config(format!(
-                    "{} already holds checkpoints: pass --resume to continue it, or choose another output directory",
-                    out.display()
-                )));
-            }
-            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-        }
-
-        // Everything needed to use or resume the run sits beside the checkpoints.
-        crate::checkpoint::write_atomic(&out.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
-        model_cfg.save(out.join(MODEL_FILE))?;
-        tokenizer.save(&out)?;
-
         let loader_cfg = LoaderConfig {
             batch_size: cfg.data.batch_size,
             seed: cfg.train.seed,
@@ -358,179 +234,31 @@ impl Trainer {
             random_crop: cfg.data.random_crop,
             on_bad_input: cfg.data.on_bad_input,
         };
-        let loader = Loader::new(train.clone(), tokenizer.clone(), loader_cfg.clone(), start)?;
-        let metrics = MetricsWriter::open(&out.join("metrics.jsonl"))?;
         Ok(Self {
             cfg,
             system,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             data: Arc::new(data),
-            train,
+            train: Arc::new(train),
             loader_cfg,
-            loader,
-            optim: trainer_optim,
-            step,
-            out,
-            metrics,
             device: device.clone(),
         })
     }
 
-    pub fn step(&self) -> u64 {
-        self.step
-    }
-
-    pub fn out_dir(&self) -> &Path {
-        &self.out
-    }
-
-    /// The first micro-batch the next [`Trainer::train_step`] will train
-    /// on, exactly as that step will see it (same pixels, tokens and
-    /// masks), without consuming it. For inspecting the step from outside
-    /// (tests check the EMA and the enqueue against it); it loads the batch
-    /// a second time, so the loop never calls it.
-    pub fn peek_batch(&self) -> Result<StepBatch> {
-        let position = self.loader.position();
-        let order = cots_data::loader::epoch_order(
-            &self.train.pairs(),
-            self.loader_cfg.seed,
-            position.epoch,
-        );
-        let first = position.batch as usize * self.loader_cfg.batch_size;
-        let pairs = order
-            .get(first..first + self.loader_cfg.batch_size)
-            .ok_or_else(|| Error::Config(format!("no batch at loader position {position:?}")))?;
-        let batch = cots_data::loader::make_batch(
-            &self.train,
-            &self.tokenizer,
-            &self.loader_cfg,
-            pairs,
-            position,
-        )?;
-        self.to_step_batch(&batch, 0)
-    }
-
-    fn to_step_batch(&self, b: &cots_data::Batch, micro: u64) -> Result<StepBatch> {
-        let needs = self.system.objectives.needs();
-        let dev = &self.device;
-        let (bsz, len) = b.input_ids.dims2()?;
-        let mlm = if needs.masked_text {
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(derived_seed(self.cfg.train.seed, self.step, micro, 1));
-            let (ids, labels) = mlm_mask(
-                &b.ids_host,
-                &b.mask_host,
-                &self.tokenizer.special(),
-                self.tokenizer.vocab_size(),
-                self.cfg.train.mlm_prob,
-                &mut rng,
-            );
-            Some((
-                Tensor::from_vec(ids, (bsz, len), dev)?,
-                Tensor::from_vec(labels, (bsz, len), dev)?,
-            ))
-        } else {
-            None
-        };
-        let patch_mask = if needs.masked_image {
-            let g = self.system.cfg.vision.image_size / self.system.cfg.vision.patch_size;
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(derived_seed(self.cfg.train.seed, self.step, micro, 2));
-            let m: Vec<u8> = (0..bsz)
-                .flat_map(|_| block_mask(g, g, self.cfg.train.mvm_ratio, &mut rng))
-                .collect();
-            Some(Tensor::from_vec(m, (bsz, g * g), dev)?)
-        } else {
-            None
-        };
-        Ok(StepBatch {
-            pixels: b.pixels.to_device(dev)?,
-            input_ids: b.input_ids.to_device(dev)?,
-            attention_mask: b.attention_mask.to_device(dev)?,
-            image_ids: b.image_ids.to_device(dev)?,
-            mlm,
-            patch_mask,
-        })
-    }
-
-    /// One optimizer step.
-    pub fn train_step(&mut self) -> Result<StepLog> {
-        let t0 = Instant::now();
-        let accum = self.cfg.optim.accumulation as u64;
-        // Frozen variables (an `optim.lr_scales` multiplier of 0) get no
-        // update and stay out of the clipping norm.
-        let vars: Vec<_> = self
-            .system
-            .trainable()
-            .into_iter()
-            .filter(|(name, _)| self.cfg.optim.trains(name))
-            .collect();
-        let mut grads = Grads::new();
-        let mut outputs = Vec::new();
-        let mut loss = 0.0;
-        let mut terms: HashMap<String, f64> = HashMap::new();
-        let mut filtered = None;
-        let mut pairs = 0usize;
-        for micro in 0..accum {
-            let batch = self.loader.next_batch()?;
-            pairs += batch.captions.len();
-            let sb = self.to_step_batch(&batch, micro)?;
-            let rng = SeededRng::new(derived_seed(self.cfg.train.seed, self.step, micro, 3));
-            let out = self.system.forward(&sb, Some(&rng))?;
-            let total = out.losses.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let mut named = Vec::new();
-            for t in &out.losses.terms {
-                let v = t.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                named.push(format!("{}={v:.4}", t.name));
-                *terms.entry(t.name.clone()).or_default() += v / accum as f64;
-            }
-            if !total.is_finite() {
-                let last = checkpoint::latest(&self.out.join(CHECKPOINTS))?
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none yet".into());
-                return Err(Error::NonFinite(format!(
-                    "the loss is {total} at step {} ({}); training stopped. The last good checkpoint is {last}; \
-                     try a lower optim.lr or a smaller optim.grad_clip",
-                    self.step + 1,
-                    named.join(", ")
-                )));
-            }
-            loss += total / accum as f64;
-            if let Some(a) = &out.amf {
-                filtered = Some(a.filtered_fraction);
-            }
-            let store = out.losses.total.backward()?;
-            optim::accumulate(&mut grads, optim::collect_grads(&store, &vars))?;
-            outputs.push(out);
+    /// The loop settings of the run config.
+    pub fn loop_config(&self) -> LoopConfig {
+        let (c, t) = (&self.cfg, &self.cfg.train);
+        LoopConfig {
+            steps: t.steps,
+            seed: t.seed,
+            optim: c.optim.clone(),
+            schedule: c.schedule.clone(),
+            momentum: t.momentum,
+            log_every: t.log_every,
+            eval_every: t.eval_every,
+            checkpoint_every: t.checkpoint_every,
+            keep_last: t.keep_last,
         }
-        if accum > 1 {
-            optim::scale(&mut grads, 1.0 / accum as f64)?;
-        }
-        let grad_norm = optim::clip_grad_norm(&mut grads, self.cfg.optim.grad_clip)?;
-        let lr = lr_at(
-            &self.cfg.schedule,
-            self.cfg.optim.lr,
-            self.step,
-            self.cfg.train.steps,
-        );
-        self.optim.step(&grads, lr)?;
-        for (i, out) in outputs.iter().enumerate() {
-            // The EMA moves once per optimizer step; every micro-batch enqueues.
-            let m = if i == 0 { self.cfg.train.momentum } else { 1.0 };
-            self.system.after_step(out, m)?;
-        }
-        self.step += 1;
-        let mut terms: Vec<(String, f64)> = terms.into_iter().collect();
-        terms.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(StepLog {
-            step: self.step,
-            lr,
-            loss,
-            terms,
-            grad_norm,
-            amf_filtered: filtered,
-            pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-        })
     }
 
     /// Retrieval metrics on a split of the run's dataset.
@@ -547,122 +275,149 @@ impl Trainer {
         )
     }
 
-    /// Writes a complete checkpoint of the current state.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let mut tensors = HashMap::new();
-        for (n, v) in sorted_vars(&self.system.online) {
-            // A diverged update must never overwrite a good checkpoint.
-            let s = v
-                .as_tensor()
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            if !s.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "`{n}` is not finite after step {}: training stopped without checkpointing; \
-                     try a lower optim.lr or a smaller optim.grad_clip",
-                    self.step
-                )));
-            }
-            tensors.insert(format!("online.{n}"), v.as_tensor().clone());
-        }
-        for (n, v) in sorted_vars(&self.system.momentum_vars) {
-            tensors.insert(format!("momentum.{n}"), v.as_tensor().clone());
-        }
-        let state = self.system.objectives.state()?;
-        for (n, t) in &state.tensors {
-            tensors.insert(format!("objectives.{n}"), t.clone());
-        }
-        for (n, t) in self.optim.state() {
-            tensors.insert(format!("optim.{n}"), t);
-        }
-        let meta = json!({
-            "step": self.step,
-            "optim_step": self.optim.step_count(),
-            "loader": self.loader.position(),
-            "objectives": state.meta,
-            "config": self.cfg,
-        });
-        checkpoint::save(
-            &self.out.join(CHECKPOINTS),
-            self.step,
-            &tensors,
-            &meta,
-            self.cfg.train.keep_last,
-        )
+    /// The batch on the training device, with the masks the objectives need.
+    ///
+    /// The masks are drawn here on the host, so the masked positions (and
+    /// MLM's targets) are found here too and uploaded with the batch: the
+    /// MVLM loss then only gathers on the device.
+    fn to_step_batch(&self, b: &cots_data::Batch, ctx: &StepContext) -> Result<StepBatch> {
+        let needs = self.system.objectives.needs();
+        let dev = &self.device;
+        let (bsz, len) = b.input_ids.dims2()?;
+        let mlm = if needs.masked_text {
+            let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for(1));
+            let (ids, labels) = mlm_mask(
+                &b.ids_host,
+                &b.mask_host,
+                &self.tokenizer.special(),
+                self.tokenizer.vocab_size(),
+                self.cfg.train.mlm_prob,
+                &mut rng,
+            );
+            Some(crate::model::MaskedTextBatch::from_host(
+                ids,
+                &labels,
+                (bsz, len),
+                self.system.cfg.text.vocab_size,
+                dev,
+            )?)
+        } else {
+            None
+        };
+        let mvm = if needs.masked_image {
+            let g = self.system.cfg.vision.image_size / self.system.cfg.vision.patch_size;
+            let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for(2));
+            let m: Vec<u8> = (0..bsz)
+                .flat_map(|_| block_mask(g, g, self.cfg.train.mvm_ratio, &mut rng))
+                .collect();
+            Some(crate::model::MaskedPatchBatch::from_host(
+                m,
+                (bsz, g * g),
+                dev,
+            )?)
+        } else {
+            None
+        };
+        Ok(StepBatch {
+            pixels: b.pixels.to_device(dev)?,
+            input_ids: b.input_ids.to_device(dev)?,
+            attention_mask: b.attention_mask.to_device(dev)?,
+            image_ids: b.image_ids.to_device(dev)?,
+            mlm,
+            mvm,
+        })
+    }
+}
+
+impl Task for Cots {
+    type Keep = StepOutput;
+
+    fn label(&self) -> &str {
+        "train"
     }
 
-    /// Trains to `cfg.train.steps`, logging, validating and checkpointing.
-    pub fn run(&mut self, quiet: bool) -> Result<RunSummary> {
-        let total = self.cfg.train.steps;
-        let t0 = Instant::now();
-        let bar = crate::metrics::progress_bar("", total, quiet);
-        bar.set_position(self.step);
-        let mut last = f64::NAN;
-        let mut ckpt = PathBuf::new();
-        while self.step < total {
-            let log = self.train_step()?;
-            last = log.loss;
-            let terms: Vec<String> = log
-                .terms
-                .iter()
-                .map(|(n, v)| format!("{n} {v:.3}"))
-                .collect();
-            bar.set_message(format!(
-                "loss {:.3} | {} | {:.1} pairs/s",
-                log.loss,
-                terms.join(" "),
-                log.pairs_per_s
-            ));
-            bar.set_position(self.step);
-            if self.step.is_multiple_of(self.cfg.train.log_every.max(1)) || self.step == total {
-                let mut rec = json!({
-                    "step": log.step, "lr": log.lr, "loss/total": log.loss,
-                    "grad_norm": log.grad_norm, "pairs_per_s": log.pairs_per_s,
-                });
-                for (n, v) in &log.terms {
-                    rec[format!("loss/{n}")] = json!(v);
-                }
-                if let Some(f) = log.amf_filtered {
-                    rec["amf_filtered"] = json!(f);
-                }
-                self.metrics.write(&rec)?;
-                if bar.is_hidden() && !quiet {
-                    tracing::info!(
-                        "step {}/{total} loss {:.4} ({})",
-                        self.step,
-                        log.loss,
-                        terms.join(", ")
-                    );
-                }
-            }
-            let eval_every = self.cfg.train.eval_every;
-            if eval_every > 0 && (self.step.is_multiple_of(eval_every) || self.step == total) {
-                if let Ok(r) = self.evaluate(Split::Val) {
-                    let mut rec = json!({"step": self.step, "val/rsum": r.rsum});
-                    for (k, v) in &r.t2i.recall {
-                        rec[format!("val/t2i_r{k}")] = json!(v);
-                    }
-                    for (k, v) in &r.i2t.recall {
-                        rec[format!("val/i2t_r{k}")] = json!(v);
-                    }
-                    self.metrics.write(&rec)?;
-                }
-            }
-            if self
-                .step
-                .is_multiple_of(self.cfg.train.checkpoint_every.max(1))
-                || self.step == total
-            {
-                ckpt = self.save_checkpoint()?;
-            }
+    fn data(&self) -> TaskData {
+        TaskData {
+            train: self.train.clone(),
+            tokenizer: self.tokenizer.clone(),
+            loader: self.loader_cfg.clone(),
         }
-        bar.finish_and_clear();
-        for (what, c) in [
-            ("image", &self.system.image_cache),
-            ("text", &self.system.text_cache),
-        ] {
+    }
+
+    fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        self.system.trainable()
+    }
+
+    fn ema(&self) -> Option<&Momentum> {
+        Some(&self.system.ema)
+    }
+
+    fn forward(
+        &mut self,
+        batch: &cots_data::Batch,
+        ctx: &StepContext,
+    ) -> Result<Forward<StepOutput>> {
+        let sb = self.to_step_batch(batch, ctx)?;
+        // The queue stamps this step's keys with the step (for their age).
+        let queue = self.system.objectives.queue().cloned();
+        if let Some(q) = &queue {
+            q.lock().set_step(ctx.step);
+        }
+        let out = self.system.forward(&sb, Some(&ctx.dropout()))?;
+        let mut stats = match &out.amf {
+            Some(a) => vec![("amf_filtered".to_string(), a.filtered_fraction)],
+            None => Vec::new(),
+        };
+        stats.extend(instance_diagnostics(&out, queue.as_ref())?);
+        Ok(Forward {
+            losses: out.losses.clone(),
+            stats,
+            keep: out,
+        })
+    }
+
+    fn after_step(&mut self, kept: Vec<StepOutput>) -> Result<()> {
+        for out in &kept {
+            self.system.enqueue(out)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<TaskState> {
+        let s = &self.system;
+        let maps = [("online", &s.online), ("momentum", &s.momentum_vars)];
+        let mut state = TaskState::of(&maps, &s.objectives)?;
+        state.meta.insert("config".into(), json!(self.cfg));
+        Ok(state)
+    }
+
+    fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &serde_json::Value,
+    ) -> Result<()> {
+        let s = &mut self.system;
+        let maps = [("online", &s.online), ("momentum", &s.momentum_vars)];
+        TaskState::restore(&maps, &mut s.objectives, tensors, meta, &s.device)
+    }
+
+    fn write_run_files(&self, dir: &RunDir) -> Result<()> {
+        dir.write_config(&self.cfg)?;
+        self.system.cfg.save(dir.model_config())?;
+        self.tokenizer.save(dir.path())?;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<Option<RetrievalReport>> {
+        self.evaluate(Split::Val).map(Some)
+    }
+
+    fn finish(&self) {
+        let s = &self.system;
+        for (what, tower) in [("image", &s.frozen_image), ("text", &s.locked_text)] {
+            let Some(c) = tower.as_ref().map(|t| &t.cache) else {
+                continue;
+            };
             if c.hits + c.misses > 0 {
                 tracing::info!(
                     "frozen {what} tower: {} inputs remembered, {} of {} rows looked up",
@@ -672,37 +427,188 @@ impl Trainer {
                 );
             }
         }
-        let skipped = self.loader.skipped();
-        if !skipped.is_empty() {
-            tracing::warn!(
-                "{} training samples were unreadable and replaced:",
-                skipped.len()
-            );
-            for s in skipped.iter().take(20) {
-                tracing::warn!("  {}: {}", s.source, s.reason);
-            }
-        }
-        let records = metrics::read(&self.out.join("metrics.jsonl"))?;
-        if let Err(e) = metrics::plot(&records, &self.out.join("plot.svg")) {
-            tracing::warn!("could not draw the loss plot: {e}");
-        }
-        if ckpt.as_os_str().is_empty() {
-            ckpt = checkpoint::latest(&self.out.join(CHECKPOINTS))?.unwrap_or_default();
-        }
-        Ok(RunSummary {
-            steps: self.step,
-            seconds: t0.elapsed().as_secs_f64(),
-            final_loss: last,
-            checkpoint: ckpt,
-        })
     }
+}
+
+/// Diagnostics of the instance level, logged every step (issue #31): the
+/// learned temperature, how far the momentum keys lag the online embeddings
+/// of the same pairs (mean cosine; both are L2-normalised), collapse checks,
+/// the age in optimizer steps of the queue's written slots, read before
+/// this step's enqueue, i.e. the negatives this step used.
+fn instance_diagnostics(
+    out: &StepOutput,
+    queue: Option<&cots_objectives::SharedQueue>,
+) -> Result<Vec<(String, f64)>> {
+    let mut stats = Vec::new();
+    let x = &out.features;
+    let scalar = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    };
+    stats.push(("temperature".to_string(), scalar(&x.temperature)?));
+    // Collapse check: the mean cosine between the embeddings of
+    // different pairs of the batch (1 when a tower maps everything to
+    // one point), online and momentum.
+    let spread = |e: &Tensor| -> Result<f64> {
+        let b = e.dim(0)? as f64;
+        let total = scalar(&e.matmul(&e.t()?)?.sum_all()?)?;
+        Ok((total - b) / (b * (b - 1.0)).max(1.0))
+    };
+    stats.push(("pair_cos_image".to_string(), spread(&x.image_embed)?));
+    stats.push(("pair_cos_text".to_string(), spread(&x.text_embed)?));
+    if let Some(m) = &x.momentum {
+        stats.push(("pair_cos_image_m".to_string(), spread(&m.image)?));
+        stats.push(("pair_cos_text_m".to_string(), spread(&m.text)?));
+        let cos = |a: &Tensor, b: &Tensor| -> Result<f64> { scalar(&(a * b)?.sum(1)?.mean_all()?) };
+        stats.push((
+            "cos_momentum_image".to_string(),
+            cos(&x.image_embed, &m.image)?,
+        ));
+        stats.push((
+            "cos_momentum_text".to_string(),
+            cos(&x.text_embed, &m.text)?,
+        ));
+    }
+    // The shortcut check: the mean cosine of the image queries with the
+    // momentum text keys of their own pairs, of the other pairs of this
+    // batch, and of the queue's written slots. Keys from older momentum
+    // towers that sit apart from this step's keys (queue << batch) can
+    // be told apart by age instead of content.
+    if let (Some(m), Some(q)) = (&x.momentum, queue) {
+        let b = x.image_embed.dim(0)? as f64;
+        let sims = x.image_embed.matmul(&m.text.t()?)?;
+        let pos = scalar(&(&x.image_embed * &m.text)?.sum_all()?)?;
+        let all = scalar(&sims.sum_all()?)?;
+        stats.push(("i2t_cos_pos".to_string(), pos / b));
+        stats.push((
+            "i2t_cos_batch_neg".to_string(),
+            (all - pos) / (b * (b - 1.0)).max(1.0),
+        ));
+        let view = q.view();
+        let written = view
+            .ids
+            .ne(cots_ops::queue::EMPTY_SLOT)?
+            .to_dtype(x.image_embed.dtype())?;
+        let n = scalar(&written.sum_all()?)?;
+        if n > 0.0 {
+            let per_slot = x
+                .image_embed
+                .matmul(&view.text.to_dtype(x.image_embed.dtype())?.t()?)?
+                .sum(0)?;
+            let queue_sum = scalar(&(per_slot * written)?.sum_all()?)?;
+            stats.push(("i2t_cos_queue".to_string(), queue_sum / (n * b)));
+        }
+    }
+    if let Some(age) = queue.and_then(|q| q.lock().staleness()) {
+        stats.push(("queue_age_mean".to_string(), age.mean));
+        stats.push(("queue_age_max".to_string(), age.max as f64));
+        stats.push(("queue_filled".to_string(), age.filled));
+    }
+    Ok(stats)
+}
+
+impl Loop<Cots> {
+    /// Prepares the COTS run of `cfg` in `cfg.train.out`; with `resume`,
+    /// continues from its newest complete checkpoint.
+    pub fn new(cfg: RunConfig, device: &Device, resume: bool) -> Result<Self> {
+        let dir = RunDir::create(&cfg.train.out)?;
+        let task = Cots::new(cfg, device)?;
+        let settings = task.loop_config();
+        Loop::start(task, settings, dir, resume)
+    }
+
+    /// Retrieval metrics on a split of the run's dataset.
+    pub fn evaluate(&self, split: Split) -> Result<RetrievalReport> {
+        self.task.evaluate(split)
+    }
+
+    /// The run folder.
+    pub fn out_dir(&self) -> &Path {
+        self.dir().path()
+    }
+
+    /// The first micro-batch the next [`Loop::train_step`] will train on,
+    /// exactly as that step will see it (same pixels, tokens and masks),
+    /// without consuming it. For inspecting the step from outside (tests
+    /// check the EMA and the enqueue against it); it loads the batch a
+    /// second time, so the loop never calls it.
+    pub fn peek_batch(&self) -> Result<StepBatch> {
+        let position = self.loader_position();
+        let t = &self.task;
+        let order =
+            cots_data::loader::epoch_order(&t.train.pairs(), t.loader_cfg.seed, position.epoch);
+        let first = position.batch as usize * t.loader_cfg.batch_size;
+        let pairs = order
+            .get(first..first + t.loader_cfg.batch_size)
+            .ok_or_else(|| Error::Config(format!("no batch at loader position {position:?}")))?;
+        let batch =
+            cots_data::loader::make_batch(&t.train, &t.tokenizer, &t.loader_cfg, pairs, position)?;
+        let ctx = StepContext {
+            seed: self.cfg.seed,
+            step: self.step(),
+            micro: 0,
+        };
+        t.to_step_batch(&batch, &ctx)
+    }
+}
+
+/// Loads the pretrained weights the config names into `system`'s online
+/// towers: a Hugging Face BERT for the text tower, the EfficientNet for the
+/// CNN image tower, or a whole earlier run (`model.init`).
+fn load_pretrained(cfg: &RunConfig, model_cfg: &two_stream::Config, system: &System) -> Result<()> {
+    if let Some(dir) = &cfg.model.text_init {
+        let hf = HfBertDir::open(dir)?;
+        let report = hf.load_into(&system.online, &format!("{MODEL_PREFIX}.text."))?;
+        tracing::info!(
+            "text tower initialised from {} ({} tensors)",
+            dir.display(),
+            report.loaded.len()
+        );
+    }
+    match (&cfg.model.image_init, &cfg.model.init) {
+        (Some(path), _) => {
+            if model_cfg.image_tower.is_vit() {
+                return Err(Error::Config(format!(
+                    "model.image_init ({}) is for a pretrained CNN image tower: set \
+                     image_tower = \"efficientnet-lite0\" in [model.two_stream], or remove it",
+                    path.display()
+                )));
+            }
+            let tensors = efficientnet::load_weights(path)?;
+            let report = weights::load_tensors(
+                &system.online,
+                &tensors,
+                path,
+                &format!("{MODEL_PREFIX}.vision."),
+                &[],
+            )?;
+            tracing::info!(
+                "image tower initialised from {} ({} tensors, {} unused)",
+                path.display(),
+                report.loaded.len(),
+                report.unexpected.len()
+            );
+        }
+        (None, None) if !model_cfg.image_tower.is_vit() => {
+            return Err(Error::Config(
+                "the CNN image tower is frozen, so it needs pretrained weights: set \
+                 model.image_init to the EfficientNet-Lite0 .pth (see configs/emoji-effnet.toml) \
+                 or model.init to a run that has them"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(dir) = &cfg.model.init {
+        init_towers(system, dir)?;
+    }
+    Ok(())
 }
 
 /// Loads the towers of the newest checkpoint of run `dir` into `system`'s
 /// online variables. A temporal head missing from the checkpoint (a video
 /// run started from an image-text run) keeps its fresh weights.
 fn init_towers(system: &System, dir: &Path) -> Result<()> {
-    let ckpt = checkpoint::latest(&dir.join(CHECKPOINTS))?.ok_or_else(|| {
+    let ckpt = RunDir::new(dir).latest_checkpoint()?.ok_or_else(|| {
         Error::Checkpoint(format!("{} has no checkpoint to start from", dir.display()))
     })?;
     let (tensors, _) = checkpoint::load(&ckpt)?;
@@ -730,39 +636,5 @@ fn init_towers(system: &System, dir: &Path) -> Result<()> {
             " (the temporal head starts fresh)"
         }
     );
-    Ok(())
-}
-
-/// Restores every checkpointed piece of state into a freshly built system.
-fn restore(
-    system: &mut System,
-    optim: &mut AdamW,
-    tensors: &HashMap<String, Tensor>,
-    meta: &serde_json::Value,
-) -> Result<()> {
-    for (prefix, map) in [
-        ("online", &system.online),
-        ("momentum", &system.momentum_vars),
-    ] {
-        for (name, var) in sorted_vars(map) {
-            let key = format!("{prefix}.{name}");
-            let t = tensors
-                .get(&key)
-                .ok_or_else(|| Error::Checkpoint(format!("tensor `{key}` is missing")))?;
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-        }
-    }
-    let state = ObjectiveState {
-        tensors: checkpoint::strip(tensors, "objectives")
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(&system.device)?)))
-            .collect::<Result<_>>()?,
-        meta: meta["objectives"].clone(),
-    };
-    system.objectives.load_state(&state)?;
-    optim.load_state(
-        &checkpoint::strip(tensors, "optim"),
-        meta["optim_step"].as_u64().unwrap_or(0),
-    )?;
     Ok(())
 }

@@ -55,11 +55,11 @@ fn a_trained_cross_encoder_reopens_and_scores_every_pair_consistently() {
         save_every: 2,
         ..CrossTrainConfig::default()
     };
-    let trained = train_cross(&run, ce_dir.path(), &tc, true).unwrap();
+    let trained = train_cross(&run, ce_dir.path(), &tc, true, false).unwrap();
     assert_eq!(trained.step, 3);
     assert!(trained.loss.is_some_and(f64::is_finite));
     // A second run into the same directory must not replace the first.
-    let err = train_cross(&run, ce_dir.path(), &tc, true)
+    let err = train_cross(&run, ce_dir.path(), &tc, true, false)
         .err()
         .unwrap()
         .to_string();
@@ -183,7 +183,7 @@ fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
         batch_size: 8,
         ..CrossTrainConfig::default()
     };
-    let ce = train_cross(&run, ce_dir.path(), &tc, true).unwrap();
+    let ce = train_cross(&run, ce_dir.path(), &tc, true, false).unwrap();
     let source =
         candle_core::safetensors::load(ce_dir.path().join("cross.safetensors"), &Device::Cpu)
             .unwrap();
@@ -230,7 +230,7 @@ fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
         ..DecomposeConfig::default()
     };
     let data_cfg = ce.run_cfg.clone().expect("train-cross records its data");
-    let dec = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true).unwrap();
+    let dec = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true, false).unwrap();
     assert_eq!(dec.step, 3);
     assert!(matches!(dec.model, Encoders::Decomposed(_)));
     let trained =
@@ -241,7 +241,7 @@ fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
         "training moved no shared weight"
     );
     // A second decomposition into the same directory must not replace it.
-    let err = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true)
+    let err = decompose(&ce, &data_cfg, dec_dir.path(), &dc, true, false)
         .err()
         .unwrap()
         .to_string();
@@ -274,7 +274,7 @@ fn a_decomposition_starts_from_the_cross_encoder_and_serves_as_a_run() {
     let report = reopened.evaluate(&data).unwrap();
     assert_eq!(report.n_texts, targets.len());
     // It cannot stand in for a COTS run where the towers are needed.
-    let err = train_cross(&reopened, out_dir.path(), &tc, true)
+    let err = train_cross(&reopened, out_dir.path(), &tc, true, false)
         .err()
         .unwrap()
         .to_string();

@@ -113,7 +113,7 @@ fn a_pretrained_cnn_tower_is_loaded_and_stays_frozen() {
     )
     .unwrap();
 
-    let all = sorted_vars(&t.system.online);
+    let all = sorted_vars(&t.task.system.online);
     let vision: Vec<&String> = all
         .iter()
         .map(|(n, _)| n)
@@ -125,7 +125,13 @@ fn a_pretrained_cnn_tower_is_loaded_and_stays_frozen() {
         let key = n.trim_start_matches("model.vision.");
         assert_eq!(before[*n], file[key], "{n} was not loaded from the file");
     }
-    let trainable: Vec<String> = t.system.trainable().into_iter().map(|(n, _)| n).collect();
+    let trainable: Vec<String> = t
+        .task
+        .system
+        .trainable()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(trainable.iter().all(|n| !n.starts_with("model.vision.")));
     assert!(trainable
         .iter()
@@ -163,12 +169,14 @@ fn a_pretrained_cnn_tower_is_loaded_and_stays_frozen() {
     .affine(2.0, -1.0)
     .unwrap();
     let direct = t
+        .task
         .system
         .model_m
         .encode_image(&pixels, None, None)
         .unwrap()
         .embed;
     let hidden = t
+        .task
         .system
         .model
         .encode_image(&pixels, None, None)
@@ -179,6 +187,7 @@ fn a_pretrained_cnn_tower_is_loaded_and_stays_frozen() {
         &[2, 1, efficientnet::Config::lite0().out_dim()]
     );
     let shortcut = t
+        .task
         .system
         .model_m
         .project_image(&hidden.get_on_dim(1, 0).unwrap(), None)
@@ -220,11 +229,16 @@ fn remembered_frozen_features_train_exactly_like_recomputed_ones() {
         let mut cfg = config(&dir.path().join(format!("run-{cache}")), Some(&weights));
         cfg.model.lock_text = true;
         let mut t = Trainer::new(cfg, &Device::Cpu, false).unwrap();
-        t.system.image_cache.enabled = cache;
-        t.system.text_cache.enabled = cache;
+        let s = &mut t.task.system;
+        s.frozen_image.as_mut().unwrap().cache.enabled = cache;
+        s.locked_text.as_mut().unwrap().cache.enabled = cache;
         // 32 training pairs in batches of 8: steps 5 and 6 see known inputs.
         let losses = (0..6).map(|_| t.train_step().unwrap().loss).collect();
-        let (i, x) = (&t.system.image_cache, &t.system.text_cache);
+        let s = &t.task.system;
+        let (i, x) = (
+            &s.frozen_image.as_ref().unwrap().cache,
+            &s.locked_text.as_ref().unwrap().cache,
+        );
         // Every row of the 6 batches is either looked up or computed.
         if cache {
             assert_eq!(i.hits + i.misses, 48);
@@ -257,8 +271,14 @@ fn a_locked_text_tower_stays_put_and_the_rest_trains() {
     cfg.model.two_stream = None;
     cfg.model.lock_text = true;
     let mut t = Trainer::new(cfg, &Device::Cpu, false).unwrap();
-    let all = sorted_vars(&t.system.online);
-    let trainable: Vec<String> = t.system.trainable().into_iter().map(|(n, _)| n).collect();
+    let all = sorted_vars(&t.task.system.online);
+    let trainable: Vec<String> = t
+        .task
+        .system
+        .trainable()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(trainable.iter().all(|n| !n.starts_with("model.text.")));
     assert!(trainable.iter().any(|n| n.starts_with("model.text_proj.")));
     let before = snapshot(&all);
@@ -291,18 +311,25 @@ fn a_locked_text_tower_stays_put_and_the_rest_trains() {
     let ids = Tensor::new(&[[2u32, 5, 7, 3, 0], [2, 9, 4, 6, 3]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
     let direct = t
+        .task
         .system
         .model_m
         .encode_text(&ids, Some(&mask), None)
         .unwrap()
         .embed;
     let hidden = t
+        .task
         .system
         .model
         .text()
         .forward(&ids, None, Some(&mask), None)
         .unwrap();
-    let pooled = t.system.model_m.pool_text(&hidden, Some(&mask)).unwrap();
-    let shortcut = t.system.model_m.project_text(&pooled, None).unwrap();
+    let pooled = t
+        .task
+        .system
+        .model_m
+        .pool_text(&hidden, Some(&mask))
+        .unwrap();
+    let shortcut = t.task.system.model_m.project_text(&pooled, None).unwrap();
     assert_same_embeddings(&direct, &shortcut);
 }

@@ -88,9 +88,10 @@ fn a_real_step_updates_then_averages_then_enqueues() {
     t.train_step().unwrap();
 
     let batch = t.peek_batch().unwrap();
-    let old_momentum = snapshot(&t.system.momentum_vars);
-    let old_online = snapshot(&t.system.online);
+    let old_momentum = snapshot(&t.task.system.momentum_vars);
+    let old_online = snapshot(&t.task.system.online);
     let queue = t
+        .task
         .system
         .objectives
         .queue()
@@ -99,12 +100,14 @@ fn a_real_step_updates_then_averages_then_enqueues() {
     let ptr = queue.lock().ptr();
     // The keys the forward pass computes: momentum towers, no dropout.
     let image_keys = t
+        .task
         .system
         .model_m
         .encode_image(&batch.pixels, None, None)
         .unwrap()
         .embed;
     let text_keys = t
+        .task
         .system
         .model_m
         .encode_text(&batch.input_ids, Some(&batch.attention_mask), None)
@@ -115,7 +118,7 @@ fn a_real_step_updates_then_averages_then_enqueues() {
 
     // EMA towards the weights AdamW just wrote: m * old + (1 - m) * new,
     // computed with the same tensor operations, so bit for bit.
-    let new_online = snapshot(&t.system.online);
+    let new_online = snapshot(&t.task.system.online);
     let online = |set: &[(String, Tensor)], name: &str| -> Tensor {
         set.iter()
             .find(|(n, _)| n == name)
@@ -124,7 +127,7 @@ fn a_real_step_updates_then_averages_then_enqueues() {
             .clone()
     };
     let mut stale_gap = 0f32;
-    let new_momentum = snapshot(&t.system.momentum_vars);
+    let new_momentum = snapshot(&t.task.system.momentum_vars);
     assert_eq!(new_momentum.len(), old_momentum.len());
     for ((name, old), (_, new)) in old_momentum.iter().zip(&new_momentum) {
         let expected = ((old * MOMENTUM).unwrap()
@@ -164,6 +167,7 @@ fn a_real_step_updates_then_averages_then_enqueues() {
     // Keys of the momentum towers after the EMA, or of the online towers,
     // are far from what was queued: the checks above can tell them apart.
     let post_ema = t
+        .task
         .system
         .model_m
         .encode_image(&batch.pixels, None, None)
@@ -171,6 +175,7 @@ fn a_real_step_updates_then_averages_then_enqueues() {
         .embed;
     assert!(max_abs_diff(&queued_images, &post_ema) > 1e-4);
     let online_features = t
+        .task
         .system
         .model
         .encode_image(&batch.pixels, None, None)

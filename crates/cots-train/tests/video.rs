@@ -11,7 +11,7 @@ use cots_ops::SeededRng;
 use cots_train::config::{DataKind, RunConfig};
 use cots_train::inference::Run;
 use cots_train::metrics;
-use cots_train::model::{StepBatch, System};
+use cots_train::model::{Freeze, MaskedTextBatch, StepBatch, System};
 use cots_train::trainer::{load_dataset, Trainer};
 
 const TRANSFORMER: Mode = Mode::Transformer {
@@ -127,7 +127,7 @@ fn only_the_temporal_transformer_separates_twins() {
     for (mode, separates) in [(Mode::Mean, false), (TRANSFORMER, true)] {
         let dir = tempfile::tempdir().unwrap();
         let trainer = Trainer::new(config(dir.path(), 1, mode), &dev, false).unwrap();
-        let cfg = &trainer.cfg;
+        let cfg = &trainer.task.cfg;
         let test = load_dataset(cfg)
             .unwrap()
             .split(cots_data::Split::Test)
@@ -135,7 +135,7 @@ fn only_the_temporal_transformer_separates_twins() {
         let twins = test.twins().expect("every test clip has its twin");
         let sources: Vec<_> = test.items.iter().map(|i| i.source.clone()).collect();
         let emb = cots_train::inference::embed_images(
-            &trainer.system.model,
+            &trainer.task.system.model,
             &sources,
             &cfg.data.image,
             &dev,
@@ -196,7 +196,7 @@ fn every_trainable_variable_gets_a_gradient_in_video_mode() {
         "#,
     )
     .unwrap();
-    let mut system = System::new(&cfg, &objectives, None, &dev, 3).unwrap();
+    let mut system = System::new(&cfg, &objectives, None, Freeze::default(), &dev, 3).unwrap();
     let rng = SeededRng::new(5);
     let s = cfg.vision.image_size;
     let pixels: Vec<f32> = rng
@@ -223,11 +223,8 @@ fn every_trainable_variable_gets_a_gradient_in_video_mode() {
         input_ids: Tensor::from_vec(ids, (b, l), &dev).unwrap(),
         attention_mask: Tensor::ones((b, l), DType::U32, &dev).unwrap(),
         image_ids: Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), b, &dev).unwrap(),
-        mlm: Some((
-            Tensor::from_vec(masked, (b, l), &dev).unwrap(),
-            Tensor::from_vec(labels, (b, l), &dev).unwrap(),
-        )),
-        patch_mask: None,
+        mlm: Some(MaskedTextBatch::from_host(masked, &labels, (b, l), vocab, &dev).unwrap()),
+        mvm: None,
     };
     let out = system.forward(&batch, Some(&rng)).unwrap();
     let grads = out.losses.total.backward().unwrap();
@@ -276,6 +273,8 @@ fn video_configs_are_checked() {
     assert!(e.contains("data.image.frames"), "{e}");
     let mut cfg = config(dir.path(), 1, TRANSFORMER);
     cfg.data.kind = DataKind::Synthetic;
+    // The embedded clips' settings belong to `synthetic_video` only.
+    cfg.data.synthetic_video = Default::default();
     cfg.data.image.frames = None;
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("model.temporal"), "{e}");
@@ -328,6 +327,8 @@ fn a_video_manifest_loads_and_missing_files_are_named() {
     .unwrap();
     let mut cfg = config(dir.path(), 1, Mode::Mean);
     cfg.data.kind = DataKind::VideoManifest;
+    // The embedded clips' settings belong to `synthetic_video` only.
+    cfg.data.synthetic_video = Default::default();
     cfg.data.path = Some(manifest.clone());
     cfg.validate().unwrap();
     let e = load_dataset(&cfg).unwrap_err().to_string();
@@ -381,8 +382,8 @@ fn a_video_run_starts_from_an_image_run() {
     cfg.model.init = Some(image_dir.path().to_path_buf());
     let trainer = Trainer::new(cfg, &dev, false).unwrap();
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let online = cots_train::model::sorted_vars(&trainer.system.online);
-    let momentum = cots_train::model::sorted_vars(&trainer.system.momentum_vars);
+    let online = cots_train::model::sorted_vars(&trainer.task.system.online);
+    let momentum = cots_train::model::sorted_vars(&trainer.task.system.momentum_vars);
     for name in [
         "model.vision.embeddings.cls_token",
         "model.text.embeddings.word_embeddings.weight",
@@ -427,6 +428,8 @@ fn msrvtt_annotations_load_from_a_run_config() {
     std::fs::create_dir(videos.join("video7")).unwrap(); // a frame folder
     let mut cfg = config(d, 1, Mode::Mean);
     cfg.data.kind = DataKind::Msrvtt;
+    // The embedded clips' settings belong to `synthetic_video` only.
+    cfg.data.synthetic_video = Default::default();
     cfg.data.path = Some(d.join("MSRVTT_data.json"));
     assert!(cfg
         .validate()

@@ -15,6 +15,7 @@ use cots_train::config::RunConfig;
 use cots_train::cross::{CrossRun, CrossTrainConfig};
 use cots_train::decompose::DecomposeConfig;
 use cots_train::inference::Run;
+use cots_train::run_dir::{RunDir, RunKind};
 use cots_train::trainer::{load_dataset, Trainer};
 
 /// What every command gets.
@@ -131,9 +132,14 @@ pub struct TrainCrossArgs {
     /// cross-encoder shares, and whose similarities mine its hard negatives.
     #[arg(long)]
     pub from: PathBuf,
-    /// Output directory (cross.json, cross.safetensors, tokenizer.json).
+    /// Output directory (cross.json, cross.safetensors, tokenizer.json,
+    /// checkpoints/, metrics.jsonl).
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue a killed or interrupted training in --out from its newest
+    /// checkpoint (same --from and settings).
+    #[arg(long)]
+    pub resume: bool,
     /// Training steps.
     #[arg(long, default_value_t = 400)]
     pub steps: u64,
@@ -147,6 +153,10 @@ pub struct TrainCrossArgs {
     /// Seed of the initialisation, the data order and the negatives drawn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Checkpoint (and refresh the model files) every this many steps; 0:
+    /// only at the end.
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
 }
 
 #[derive(Debug, Args)]
@@ -154,9 +164,14 @@ pub struct DecomposeArgs {
     /// The single-stream cross-encoder to decompose (a `cots train-cross` directory).
     #[arg(long)]
     pub from: PathBuf,
-    /// Output run directory (config.toml, decomposed.json, decomposed.safetensors, tokenizer.json).
+    /// Output run directory (config.toml, decomposed.json, decomposed.safetensors,
+    /// tokenizer.json, checkpoints/, metrics.jsonl).
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue a killed or interrupted decomposition in --out from its
+    /// newest checkpoint (same --from and settings).
+    #[arg(long)]
+    pub resume: bool,
     /// Train on this run's data instead of the data the cross-encoder
     /// recorded (needed for cross-encoders trained before it was recorded).
     #[arg(long)]
@@ -195,6 +210,10 @@ pub struct DecomposeArgs {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Checkpoint (and refresh the model files) every this many steps; 0:
+    /// only at the end.
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
 }
 
 #[derive(Debug, Args)]
@@ -337,7 +356,8 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     )?;
     let chance = 100.0 / report.n_images as f64;
     outln!("(chance text-to-image R@1 is {chance:.1}%)")?;
-    write_reports(&report, &out.join("eval.json"), &out.join("eval.md"))?;
+    let dir = RunDir::new(&out);
+    write_reports(&report, &dir.eval_json(), &dir.eval_markdown())?;
 
     let run = Run::open(&out, &ctx.device)?;
     let data = load_dataset(&run.cfg)?.split(Split::Test)?;
@@ -377,8 +397,9 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
 /// Removes an earlier demo run in `out`, refusing to touch a directory that
 /// is not a cots run.
 pub fn clear_earlier_demo(out: &Path) -> Result<()> {
-    if out.join("checkpoints").exists() {
-        if !out.join(cots_train::inference::CONFIG_FILE).exists() {
+    let dir = RunDir::new(out);
+    if dir.checkpoints().exists() {
+        if !dir.config().exists() {
             bail!(
                 "{} exists and is not a cots run: choose another --out",
                 out.display()
@@ -408,6 +429,14 @@ pub fn train(ctx: &Ctx, a: TrainArgs) -> Result<()> {
     }
     let mut trainer = Trainer::new(cfg, &ctx.device, a.resume)?;
     let s = trainer.run(ctx.quiet)?;
+    if s.interrupted {
+        outln!(
+            "interrupted at step {}; checkpoint {}: continue with the same command and --resume",
+            s.steps,
+            s.checkpoint.display()
+        )?;
+        return Ok(());
+    }
     outln!(
         "trained to step {} in {:.0} s (final loss {:.4}); checkpoint {}",
         s.steps,
@@ -462,13 +491,22 @@ pub fn train_cross(ctx: &Ctx, a: TrainCrossArgs) -> Result<()> {
         steps: a.steps,
         batch_size: a.batch_size,
         seed: a.seed,
+        save_every: a.save_every,
         optim: cots_train::optim::OptimConfig {
             lr: a.lr,
             ..CrossTrainConfig::default().optim
         },
         ..CrossTrainConfig::default()
     };
-    let ce = cots_train::cross::train_cross(&miner, &a.out, &tc, ctx.quiet)?;
+    let ce = cots_train::cross::train_cross(&miner, &a.out, &tc, ctx.quiet, a.resume)?;
+    if ce.step < tc.steps {
+        outln!(
+            "train-cross stopped at step {}/{}: continue with the same command and --resume",
+            ce.step,
+            tc.steps
+        )?;
+        return Ok(());
+    }
     outln!(
         "cross-encoder trained for {} steps (final ITM loss {:.4}): {} (evaluate it with `cots eval --run {} --cross {}`)",
         ce.step,
@@ -505,6 +543,7 @@ fn decompose_config(a: &DecomposeArgs) -> Result<DecomposeConfig> {
         },
         target_items: a.target_items,
         seed: a.seed,
+        save_every: a.save_every,
         ..d
     })
 }
@@ -512,9 +551,7 @@ fn decompose_config(a: &DecomposeArgs) -> Result<DecomposeConfig> {
 /// The data a decomposition trains on: `--data-from`'s, else the cross-encoder's record.
 fn decompose_data(ce: &CrossRun, data_from: Option<&Path>) -> Result<RunConfig> {
     match data_from {
-        Some(dir) => Ok(RunConfig::load(
-            &dir.join(cots_train::inference::CONFIG_FILE),
-        )?),
+        Some(dir) => Ok(RunDir::new(dir).read_config()?),
         None => ce.run_cfg.clone().with_context(|| {
             format!(
                 "{} does not record its training data (trained by an older version): \
@@ -529,7 +566,15 @@ pub fn decompose(ctx: &Ctx, a: DecomposeArgs) -> Result<()> {
     let dc = decompose_config(&a)?;
     let ce = CrossRun::open(&a.from, &ctx.device)?;
     let data = decompose_data(&ce, a.data_from.as_deref())?;
-    let run = cots_train::decompose::decompose(&ce, &data, &a.out, &dc, ctx.quiet)?;
+    let run = cots_train::decompose::decompose(&ce, &data, &a.out, &dc, ctx.quiet, a.resume)?;
+    if run.step < dc.steps {
+        outln!(
+            "decompose stopped at step {}/{}: continue with the same command and --resume",
+            run.step,
+            dc.steps
+        )?;
+        return Ok(());
+    }
     outln!(
         "decomposed {} into two encoders ({} steps): {} (evaluate it with `cots eval --run {}`)",
         a.from.display(),
@@ -542,32 +587,63 @@ pub fn decompose(ctx: &Ctx, a: DecomposeArgs) -> Result<()> {
 
 pub fn compare(ctx: &Ctx, a: CompareArgs) -> Result<()> {
     let cots = Run::open(&a.run, &ctx.device)?;
-    if !a.cross.join(cots_train::cross::CROSS_CONFIG_FILE).exists() {
+    let cross_dir = RunDir::new(&a.cross);
+    if cross_dir.kind() != Some(RunKind::Cross) {
+        // Checkpoints without serving files: a compare killed early.
+        let resume = cross_dir.has_checkpoints()?;
         outln!(
-            "{} holds no cross-encoder: training one from {} (`cots train-cross` defaults)",
+            "{} holds no finished cross-encoder: {} one from {} (`cots train-cross` defaults)",
             a.cross.display(),
+            if resume { "continuing" } else { "training" },
             a.run.display()
         )?;
-        cots_train::cross::train_cross(&cots, &a.cross, &CrossTrainConfig::default(), ctx.quiet)?;
+        let tc = CrossTrainConfig::default();
+        let ce = cots_train::cross::train_cross(&cots, &a.cross, &tc, ctx.quiet, resume)?;
+        if ce.step < tc.steps {
+            bail!("the cross-encoder's training was interrupted at step {}: run compare again to continue it", ce.step);
+        }
     }
     let ce = CrossRun::open(&a.cross, &ctx.device)?;
-    if !a
-        .decomposed
-        .join(cots_train::inference::DECOMPOSED_FILE)
-        .exists()
-    {
+    if !ce.finished() {
+        bail!(
+            "{} holds a cross-encoder stopped at step {}: finish it with `cots train-cross --from {} --out {} --resume`",
+            a.cross.display(), ce.step, a.run.display(), a.cross.display()
+        );
+    }
+    let dec_dir = RunDir::new(&a.decomposed);
+    let dc = DecomposeConfig::default();
+    if dec_dir.kind() != Some(RunKind::Decomposed) {
+        let resume = dec_dir.has_checkpoints()?;
         outln!(
-            "{} holds no decomposed model: decomposing {} (`cots decompose` defaults)",
+            "{} holds no finished decomposed model: {} {} (`cots decompose` defaults)",
             a.decomposed.display(),
+            if resume {
+                "continuing to decompose"
+            } else {
+                "decomposing"
+            },
             a.cross.display()
         )?;
-        cots_train::decompose::decompose(
+        let dec = cots_train::decompose::decompose(
             &ce,
             &cots.cfg,
             &a.decomposed,
-            &DecomposeConfig::default(),
+            &dc,
             ctx.quiet,
+            resume,
         )?;
+        if dec.step < dc.steps {
+            bail!(
+                "the decomposition was interrupted at step {}: run compare again to continue it",
+                dec.step
+            );
+        }
+    }
+    if !cots_train::decompose::finished(&dec_dir)? {
+        bail!(
+            "{} holds a decomposition stopped early: finish it with `cots decompose --from {} --out {} --resume`",
+            a.decomposed.display(), a.cross.display(), a.decomposed.display()
+        );
     }
     let dec = Run::open(&a.decomposed, &ctx.device)?;
     let mut data = dataset_for(&cots, None, &a.split)?;

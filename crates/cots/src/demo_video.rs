@@ -16,6 +16,7 @@ use cots_data::Split;
 use cots_encoders::temporal::{Mode, Readout};
 use cots_eval::RetrievalReport;
 use cots_train::config::RunConfig;
+use cots_train::run_dir::RunDir;
 use cots_train::trainer::Trainer;
 
 use crate::commands::{clear_earlier_demo, write_reports, Ctx, DemoArgs};
@@ -67,11 +68,8 @@ pub fn demo_video(ctx: &Ctx, a: &DemoArgs) -> Result<()> {
             run_dir.display()
         )?;
         let report = trainer.evaluate(Split::Test)?;
-        write_reports(
-            &report,
-            &run_dir.join("eval.json"),
-            &run_dir.join("eval.md"),
-        )?;
+        let dir = RunDir::new(&run_dir);
+        write_reports(&report, &dir.eval_json(), &dir.eval_markdown())?;
         reports.push((name, report));
     }
     let table = comparison_table(&reports);

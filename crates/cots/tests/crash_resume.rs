@@ -189,9 +189,16 @@ fn killed_runs_resume_onto_the_uninterrupted_loss_curve() {
     // A kill after the weights' rename, while the JSON that completes the
     // checkpoint waits in its temporary file.
     let mut child = spawn_train(&cfg, &killed, Some(1_000));
+    // Temporary files are named `<target>.<random>.tmp`.
     let json_pending = || {
         files(&killed, ".tmp").iter().any(|tmp| {
-            tmp.with_extension("safetensors").exists() && !tmp.with_extension("json").exists()
+            let name = tmp.file_name().unwrap().to_string_lossy().into_owned();
+            let Some((stem, _)) = name.split_once(".json.") else {
+                return false;
+            };
+            let dir = tmp.parent().unwrap();
+            dir.join(format!("{stem}.safetensors")).exists()
+                && !dir.join(format!("{stem}.json")).exists()
         })
     };
     assert!(

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The instance-level ablation over seeds: rows x seeds, then a Markdown table
+# of mean +- sd (sample standard deviation, n - 1) of RSUM and R@1 both ways.
+# Same model (configs/demo.toml), data, steps, lr, schedule and batch in every
+# row; only the objectives differ. The seed goes into `train.seed`, which
+# seeds the initial weights, dropout, the masks AND the loader's data order;
+# the synthetic dataset's own seed (`data.synthetic.seed`) is left alone, so
+# every run is tested on the same 300 test scenes.
+#   bash benches/ablation/seeds.sh [steps]
+# Environment:
+#   ROWS="clip itc_queue"  only these rows (default: all rows below, in order)
+#   SEEDS="0 1 2"          seeds (default 0 1 2)
+#   OUT=DIR                where runs go (default runs/ablation-seeds);
+#                          finished runs (with eval.json) are kept, not rerun
+#   CONFIG=FILE            base config (default configs/demo.toml); its
+#                          [objectives] are replaced
+#   COTS=BIN               the cots binary (default: build target/release/cots)
+#   TABLE_ONLY=1           only (re)write the table from the finished runs
+#   QUEUE=N                queue slots of the queue rows (default 4096)
+#   SMALL_QUEUE=N          slots of the `itc_online_small_queue` row (default 1024)
+# The fast screen on the tiny preset (seconds per run):
+#   CONFIG=benches/ablation/tiny.toml QUEUE=128 SMALL_QUEUE=32 \
+#   OUT=runs/ablation-tiny bash benches/ablation/seeds.sh 150
+# Writes <out>/<row>/seed<s>/eval.json and <out>/table.md (also printed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+steps=${1:-300}
+config=${CONFIG:-configs/demo.toml}
+out=${OUT:-runs/ablation-seeds}
+seeds=${SEEDS:-0 1 2}
+if [ -z "${COTS:-}" ]; then
+  cargo build --release -q -p cots
+  cots=target/release/cots
+else
+  cots=$COTS
+fi
+mkdir -p "$out"
+base=$(sed '/^\[objectives/,$d' "$config")
+
+qsize=${QUEUE:-4096}
+small=${SMALL_QUEUE:-1024}
+queue="[objectives.queue]
+size = $qsize
+[objectives.amf]
+enabled = false"
+kl='[[objectives.objectives]]
+kind = "kl"'
+# name | description | objectives TOML
+declare -a names descs
+declare -A toml
+add() { names+=("$1"); descs+=("$2"); toml[$1]=$3; }
+add clip "CLIP in-batch" '[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "clip"'
+add itc_queue "ITC, momentum keys + $qsize queue (the old default)" "$queue
+[[objectives.objectives]]
+kind = \"itc\""
+add itc_momentum_batch "ITC, momentum keys in-batch, no queue (MoCo v3)" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+queue_negatives = false"
+add itc_online "ITC, online keys in-batch + $qsize momentum queue" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+keys = \"online\""
+add itc_online_small_queue "ITC, online keys + $small queue" "[objectives.queue]
+size = $small
+[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = \"itc\"
+keys = \"online\""
+# Momentum 0.999 instead of the config's: slower drift of the queue's keys.
+add itc_online_m999 "ITC, online keys + $qsize queue, momentum 0.999" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+keys = \"online\""
+add itc_online_kl "ITC online keys + queue, + KL" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+keys = \"online\"
+$kl"
+add itc_momentum_batch_kl "ITC momentum keys in-batch (no queue), + KL over the queue" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+queue_negatives = false
+$kl"
+add itc_queue_kl "ITC momentum keys + queue, + KL (the old demo)" "$queue
+[[objectives.objectives]]
+kind = \"itc\"
+$kl"
+
+selected() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
+
+if [ -z "${TABLE_ONLY:-}" ]; then
+  for seed in $seeds; do
+    for name in "${names[@]}"; do
+      selected "$name" || continue
+      dir="$out/$name/seed$seed"
+      [ -f "$dir/eval.json" ] && continue
+      mkdir -p "$out/$name"
+      cfg="$out/$name/seed$seed.toml"
+      printf '%s\n%s\n' "$base" "${toml[$name]}" \
+        | sed "s#^out = .*#out = \"$dir\"#; s#^steps = .*#steps = $steps#; s#^\[train\]\$#[train]\nseed = $seed#" > "$cfg"
+      if [[ "$name" == *_m999 ]]; then sed -i "s#^momentum = .*#momentum = 0.999#" "$cfg"; fi
+      rm -rf "$dir"
+      t0=$(date +%s)
+      $cots -q train --config "$cfg"
+      $cots -q eval --run "$dir" --json "$dir/eval.json" --markdown "$dir/eval.md" > /dev/null
+      echo "== $name seed $seed ($(( $(date +%s) - t0 )) s): $(tr -d '\n' < "$dir/eval.md" | grep -o 'RSUM [0-9.]*' | head -1)"
+    done
+  done
+fi
+
+# The table: one line per row with at least one finished seed.
+rows_arg=()
+for i in "${!names[@]}"; do
+  selected "${names[$i]}" && rows_arg+=("${names[$i]}=${descs[$i]}")
+done
+python3 - "$out" "$seeds" "${rows_arg[@]}" > "$out/table.md" <<'PY'
+import json, os, statistics, sys
+out, seeds = sys.argv[1], sys.argv[2].split()
+def r1(direction):
+    # `recall` is a list of [k, percent] pairs.
+    return dict((int(k), v) for k, v in direction["recall"])[1]
+print("| objectives | seeds | RSUM | i2t R@1 | t2i R@1 | RSUM per seed |")
+print("|---|---|---|---|---|---|")
+for arg in sys.argv[3:]:
+    name, desc = arg.split("=", 1)
+    vals = []
+    for s in seeds:
+        p = os.path.join(out, name, f"seed{s}", "eval.json")
+        if os.path.exists(p):
+            r = json.load(open(p))
+            vals.append((s, r["rsum"], r1(r["i2t"]), r1(r["t2i"])))
+    if not vals:
+        continue
+    def ms(xs):
+        m = statistics.mean(xs)
+        sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+        return f"{m:.1f} ± {sd:.1f}" if len(xs) > 1 else f"{m:.1f}"
+    cols = [ms([v[i] for v in vals]) for i in (1, 2, 3)]
+    per = ", ".join(f"{v[1]:.1f}" for v in vals)
+    print(f"| {desc} (`{name}`) | {' '.join(v[0] for v in vals)} | {cols[0]} | {cols[1]} | {cols[2]} | {per} |")
+PY
+cat "$out/table.md"
