@@ -389,8 +389,49 @@ mod tests {
         let cfg = Config::tiny();
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let dvae = Dvae::new(&cfg, vb)?;
+        // A first build creates the variables.
+        Dvae::new(&cfg, vb.clone())?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // candle's initialisation cannot be seeded; an unlucky draw left the
+        // reconstruction at 0.78x its start once in about twenty runs. Every
+        // variable is redrawn from the seeded generator instead, with the
+        // scales of candle's initialisation (kernels with Kaiming's variance
+        // 2/fan_in, small biases, the codebook with unit variance), and the model is
+        // built again over them (layers may keep derived copies), so the test
+        // sees the same start every time.
+        let mut vars: Vec<_> = vm
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .clone()
+            .into_iter()
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
+            let dims = var.dims().to_vec();
+            let n: usize = dims.iter().product();
+            let fan_in = dims[1..].iter().product::<usize>().max(1) as f32;
+            let bound = if name.starts_with("codebook") {
+                3f32.sqrt()
+            } else if name.ends_with("bias") {
+                // The layer's fan-in is not the bias's shape: the width of
+                // the layer it feeds is a fair stand-in for these tiny convs.
+                1.0 / (dims[0] as f32).sqrt()
+            } else {
+                (6.0 / fan_in).sqrt()
+            };
+            let draws: Vec<f32> = (0..n)
+                .map(|_| {
+                    if bound > 0.0 {
+                        rng.random_range(-bound..bound)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            var.set(&Tensor::from_vec(draws, dims, &Device::Cpu)?)?;
+        }
+        let dvae = Dvae::new(&cfg, vb)?;
         let eval = patch_images(16, &cfg, &mut rng);
         let initial = dvae.forward_loss(&eval)?.recon.to_scalar::<f32>()?;
         let mut opt = AdamW::new(
