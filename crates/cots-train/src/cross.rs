@@ -291,10 +291,8 @@ impl Task for CrossTask<'_> {
     }
 
     fn state(&self) -> Result<TaskState> {
-        let mut state = TaskState::of(&[("model", &self.map)], &self.itm)?;
-        let miner = self.miner.weights_hash.clone();
-        state.meta.insert("miner".into(), miner.into());
-        Ok(state)
+        let state = TaskState::of(&[("model", &self.map)], &self.itm)?;
+        Ok(state.with_source(&self.miner.weights_hash))
     }
 
     fn load_state(
@@ -302,15 +300,8 @@ impl Task for CrossTask<'_> {
         tensors: &HashMap<String, Tensor>,
         meta: &serde_json::Value,
     ) -> Result<()> {
-        if meta["miner"].as_str() != Some(self.miner.weights_hash.as_str()) {
-            return Err(Error::Checkpoint(format!(
-                "this cross-encoder was trained with negatives mined by another run (weights {}), \
-                 not {} ({}): resume with the same --from run",
-                meta["miner"],
-                self.miner.dir.display(),
-                self.miner.weights_hash
-            )));
-        }
+        let from = &self.miner;
+        TaskState::check_source(meta, &from.weights_hash, &from.dir, "cross-encoder")?;
         let maps = [("model", &self.map)];
         TaskState::restore(&maps, &mut self.itm, tensors, meta, &self.miner.device)
     }

@@ -258,10 +258,8 @@ impl Task for DecomposeTask<'_> {
     }
 
     fn state(&self) -> Result<TaskState> {
-        let mut state = TaskState::of(&[("model", &self.map)], &self.objective)?;
-        let source = self.source.weights_hash.clone();
-        state.meta.insert("source".into(), source.into());
-        Ok(state)
+        let state = TaskState::of(&[("model", &self.map)], &self.objective)?;
+        Ok(state.with_source(&self.source.weights_hash))
     }
 
     fn load_state(
@@ -269,15 +267,8 @@ impl Task for DecomposeTask<'_> {
         tensors: &HashMap<String, Tensor>,
         meta: &serde_json::Value,
     ) -> Result<()> {
-        if meta["source"].as_str() != Some(self.source.weights_hash.as_str()) {
-            return Err(Error::Checkpoint(format!(
-                "this decomposition started from another cross-encoder (weights {}), not {} \
-                 ({}): resume with the same --from",
-                meta["source"],
-                self.source.dir.display(),
-                self.source.weights_hash
-            )));
-        }
+        let from = &self.source;
+        TaskState::check_source(meta, &from.weights_hash, &from.dir, "decomposition")?;
         let maps = [("model", &self.map)];
         TaskState::restore(
             &maps,

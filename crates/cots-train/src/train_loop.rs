@@ -150,6 +150,32 @@ impl TaskState {
         Ok(Self { tensors, meta })
     }
 
+    /// Records the weights hash of the run the task was built from
+    /// (`--from`), checked by [`TaskState::check_source`] on resume.
+    pub fn with_source(mut self, hash: &str) -> Self {
+        self.meta.insert("source".into(), hash.into());
+        self
+    }
+
+    /// Errs unless the checkpoint record `meta` names `hash` as its source:
+    /// resuming `what` over another `--from` run (`from`) would mix two runs.
+    pub fn check_source(
+        meta: &serde_json::Value,
+        hash: &str,
+        from: &std::path::Path,
+        what: &str,
+    ) -> Result<()> {
+        if meta["source"].as_str() == Some(hash) {
+            return Ok(());
+        }
+        Err(Error::Checkpoint(format!(
+            "this {what} was started from another run (weights {}), not {} ({hash}): resume \
+             with the same --from",
+            meta["source"],
+            from.display()
+        )))
+    }
+
     /// Restores what [`TaskState::of`] saved from a checkpoint's `tensors`
     /// and record `meta`; a missing variable is an error naming it.
     pub fn restore(
