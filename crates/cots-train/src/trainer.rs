@@ -368,7 +368,12 @@ impl Task for Cots {
             Some(a) => vec![("amf_filtered".to_string(), a.filtered_fraction)],
             None => Vec::new(),
         };
-        stats.extend(instance_diagnostics(&out, queue.as_ref())?);
+        // The diagnostics cost a [B, K] product and host reads: only on the
+        // steps whose metrics record is written.
+        let (done, t) = (ctx.step + 1, &self.cfg.train);
+        if done.is_multiple_of(t.log_every.max(1)) || done == t.steps {
+            stats.extend(instance_diagnostics(&out, queue.as_ref())?);
+        }
         Ok(Forward {
             losses: out.losses.clone(),
             stats,
