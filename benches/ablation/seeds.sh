@@ -18,6 +18,9 @@
 #   TABLE_ONLY=1           only (re)write the table from the finished runs
 #   QUEUE=N                queue slots of the queue rows (default 4096)
 #   SMALL_QUEUE=N          slots of the `itc_online_small_queue` row (default 1024)
+#   START=N                queue start step of the `*_late*` rows (default steps / 2)
+#   TEMP_MIN=T             temperature floor of the `*_floor*` rows (default 0.03)
+#   KL_OPTS='weight = 0.1' extra lines of every KL objective (default none)
 # The fast screen on the tiny preset (seconds per run):
 #   CONFIG=benches/ablation/tiny.toml QUEUE=128 SMALL_QUEUE=32 \
 #   OUT=runs/ablation-tiny bash benches/ablation/seeds.sh 150
@@ -39,12 +42,20 @@ base=$(sed '/^\[objectives/,$d' "$config")
 
 qsize=${QUEUE:-4096}
 small=${SMALL_QUEUE:-1024}
+start=${START:-$((steps / 2))}
+tmin=${TEMP_MIN:-0.03}
+late="[objectives.queue]
+size = $qsize
+start_step = $start
+[objectives.amf]
+enabled = false"
 queue="[objectives.queue]
 size = $qsize
 [objectives.amf]
 enabled = false"
-kl='[[objectives.objectives]]
-kind = "kl"'
+kl="[[objectives.objectives]]
+kind = \"kl\"
+${KL_OPTS:-}"
 # name | description | objectives TOML
 declare -a names descs
 declare -A toml
@@ -93,6 +104,34 @@ add itc_queue_kl "ITC momentum keys + queue, + KL (the old demo)" "$queue
 kind = \"itc\"
 $kl"
 
+# Rows whose name contains `_floor` train with the temperature floored at
+# $tmin (`model.two_stream.temp_min`); the others keep the default floor.
+add clip_floor "CLIP in-batch, temperature >= $tmin" '[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "clip"'
+add itc_queue_floor "ITC, momentum keys + $qsize queue, temperature >= $tmin" "$queue
+[[objectives.objectives]]
+kind = \"itc\""
+add itc_late "ITC, momentum keys in-batch, + $qsize queue from step $start" "$late
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true"
+add itc_late_kl "ITC, momentum keys in-batch, + queue from step $start, + KL" "$late
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl"
+add itc_late_floor "ITC, momentum keys in-batch, + queue from step $start, temperature >= $tmin" "$late
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true"
+add itc_late_floor_kl "ITC in-batch + queue from step $start, + KL, temperature >= $tmin" "$late
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl"
+
 selected() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
 
 if [ -z "${TABLE_ONLY:-}" ]; then
@@ -106,6 +145,10 @@ if [ -z "${TABLE_ONLY:-}" ]; then
       printf '%s\n%s\n' "$base" "${toml[$name]}" \
         | sed "s#^out = .*#out = \"$dir\"#; s#^steps = .*#steps = $steps#; s#^\[train\]\$#[train]\nseed = $seed#" > "$cfg"
       if [[ "$name" == *_m999 ]]; then sed -i "s#^momentum = .*#momentum = 0.999#" "$cfg"; fi
+      if [[ "$name" == *_floor* ]]; then
+        grep -q '^temp_init = ' "$cfg" || { echo "$name needs a temp_init line in [model.two_stream] of $config" >&2; exit 2; }
+        sed -i "s#^temp_init = \(.*\)#temp_init = \1\ntemp_min = $tmin#" "$cfg"
+      fi
       rm -rf "$dir"
       t0=$(date +%s)
       $cots -q train --config "$cfg"

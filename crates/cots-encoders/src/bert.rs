@@ -47,7 +47,7 @@ pub enum Activation {
 impl Activation {
     pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::Gelu => x.gelu_erf()?,
+            Activation::Gelu => cots_ops::gelu_erf(x)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
         })

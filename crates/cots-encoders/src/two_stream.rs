@@ -33,6 +33,9 @@ pub const TEMP_MAX: f64 = 0.5;
 fn default_temp() -> f64 {
     0.07
 }
+fn default_temp_min() -> f64 {
+    TEMP_MIN
+}
 fn default_text_len() -> usize {
     32
 }
@@ -99,6 +102,12 @@ pub struct Config {
     /// Initial contrastive temperature.
     #[serde(default = "default_temp")]
     pub temp_init: f64,
+    /// Lower bound of the learnable temperature (default [`TEMP_MIN`],
+    /// ALBEF's 0.001). A higher floor keeps the contrastive losses from
+    /// sharpening onto a few easy negatives early in a short run; equal to
+    /// `temp_init`, the temperature is fixed.
+    #[serde(default = "default_temp_min")]
+    pub temp_min: f64,
     /// Longest tokenised text, `[CLS]` and `[SEP]` included.
     #[serde(default = "default_text_len")]
     pub max_text_len: usize,
@@ -156,6 +165,7 @@ impl Config {
             embed_dim: 32,
             projection: ProjectionConfig::default(),
             temp_init: default_temp(),
+            temp_min: default_temp_min(),
             max_text_len: 32,
             text_pooling: Pooling::Cls,
             temporal: None,
@@ -171,6 +181,7 @@ impl Config {
             embed_dim: 128,
             projection: ProjectionConfig::default(),
             temp_init: default_temp(),
+            temp_min: default_temp_min(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
             temporal: None,
@@ -186,6 +197,7 @@ impl Config {
             embed_dim: 256,
             projection: ProjectionConfig::default(),
             temp_init: default_temp(),
+            temp_min: default_temp_min(),
             max_text_len: 40,
             text_pooling: Pooling::Cls,
             temporal: None,
@@ -227,6 +239,12 @@ impl Config {
             return Err(Error::Config(format!(
                 "temp_init {} is outside [{TEMP_MIN}, {TEMP_MAX}]",
                 self.temp_init
+            )));
+        }
+        if !(TEMP_MIN..=self.temp_init).contains(&self.temp_min) {
+            return Err(Error::Config(format!(
+                "temp_min {} must be in [{TEMP_MIN}, temp_init = {}]",
+                self.temp_min, self.temp_init
             )));
         }
         if let Some(t) = &self.temporal {
@@ -389,7 +407,7 @@ impl Projection {
         let x = cots_ops::nn::dropout(x, self.input_dropout, rng)?;
         let mut y = self.linear.forward(&x)?;
         if let Some((fc1, fc2)) = &self.mlp {
-            y = (y + fc2.forward(&fc1.forward(&x)?.gelu_erf()?)?)?;
+            y = (y + fc2.forward(&cots_ops::gelu_erf(&fc1.forward(&x)?)?)?)?;
         }
         l2_normalize(&y)
     }
@@ -432,13 +450,13 @@ impl TwoStream {
         })
     }
 
-    /// The learnable temperature clamped to [[`TEMP_MIN`], [`TEMP_MAX`]]
+    /// The learnable temperature clamped to [`Config::temp_min`, [`TEMP_MAX`]]
     /// (gradient flows while it is inside the bounds).
     ///
     /// # Shapes
     /// - output: `[]` (a scalar).
     pub fn temperature(&self) -> Result<Tensor> {
-        Ok(self.temp.clamp(TEMP_MIN, TEMP_MAX)?)
+        Ok(self.temp.clamp(self.cfg.temp_min, TEMP_MAX)?)
     }
 
     /// Encodes images, or clips when the model has a temporal head;

@@ -104,6 +104,7 @@ impl Objectives {
 
     /// Step 2: AMF weights from the momentum keys, `None` when AMF is off;
     /// the trainer puts them into [`crate::MomentumFeatures::pair_weights`].
+    /// [`Objectives::filter_pairs`] with every pair distinct.
     ///
     /// # Shapes
     /// - `image_embed_m`, `text_embed_m`: `[B, E]`; weights `[B]` f32.
@@ -112,8 +113,50 @@ impl Objectives {
         image_embed_m: &Tensor,
         text_embed_m: &Tensor,
     ) -> Result<Option<AmfOutput>> {
+        self.filter_pairs(image_embed_m, text_embed_m, None)
+    }
+
+    /// Step 2 with the pairs' image ids (captions of one image are not
+    /// negatives of each other); the filter's rank rule also reads the
+    /// queue, before this step's enqueue.
+    ///
+    /// # Shapes
+    /// - `image_embed_m`, `text_embed_m`: `[B, E]`; `ids`: `[B]` u32;
+    ///   weights `[B]` f32.
+    pub fn filter_pairs(
+        &mut self,
+        image_embed_m: &Tensor,
+        text_embed_m: &Tensor,
+        ids: Option<&Tensor>,
+    ) -> Result<Option<AmfOutput>> {
         match &mut self.amf {
-            Some(amf) => Ok(Some(amf.filter(image_embed_m, text_embed_m)?)),
+            Some(amf) => {
+                // The rank rule's extra negatives: the queue's most recently
+                // written slots only (the write pointer is one past them).
+                let r = amf.config().recent_slots;
+                let view = match &self.queue {
+                    Some(q) if r > 0 => {
+                        let q = q.lock();
+                        let (k, ptr, view) = (q.size(), q.ptr(), q.view());
+                        let r = r.min(k);
+                        let idx: Vec<u32> =
+                            (0..r).map(|i| ((ptr + k - r + i) % k) as u32).collect();
+                        let idx = Tensor::from_vec(idx, r, view.ids.device())?;
+                        Some(crate::queue::QueueView {
+                            image: view.image.index_select(&idx, 0)?,
+                            text: view.text.index_select(&idx, 0)?,
+                            ids: view.ids.index_select(&idx, 0)?,
+                        })
+                    }
+                    _ => None,
+                };
+                Ok(Some(amf.filter_with(
+                    image_embed_m,
+                    text_embed_m,
+                    ids,
+                    view.as_ref(),
+                )?))
+            }
             None => Ok(None),
         }
     }

@@ -25,6 +25,9 @@
 //! (MoCo v3, which needs `in_batch_negatives`). These two options separate
 //! the two suspects behind ITC's gap to CLIP: keys without gradient from the
 //! momentum towers, and stale queue negatives.
+//! Before the queue's `start_step` (see `QueueConfig`) no formulation reads
+//! the queue: momentum keys are contrasted within the batch (every pair a
+//! candidate), online keys as in CLIP.
 //! Measured on the demo model over three seeds in docs/results.md, section
 //! "Why ITC + queue loses to CLIP". Without `queue_negatives` the composition
 //! still keeps and fills the queue (ITC counts as a queue reader, and KL may
@@ -117,6 +120,12 @@ impl Itc {
     /// op only pays off at ALBEF's 65,536 slots, where its keys are detached
     /// anyway.
     fn batch_losses(&self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        self.batch_losses_with(x, self.cfg.queue_negatives)
+    }
+
+    /// [`Itc::batch_losses`] with the queue part on or off (off before the
+    /// queue's start step).
+    fn batch_losses_with(&self, x: &StepFeatures, read_queue: bool) -> Result<Vec<LossTerm>> {
         let (f_k, t_k) = match self.cfg.keys {
             KeySource::Online => (x.image_embed.clone(), x.text_embed.clone()),
             KeySource::Momentum => {
@@ -124,7 +133,7 @@ impl Itc {
                 (m.image.detach(), m.text.detach())
             }
         };
-        let queue = self.cfg.queue_negatives.then(|| self.queue.view());
+        let queue = read_queue.then(|| self.queue.view());
         let tau = &x.temperature;
         let i2t = self.batch_side(
             &x.image_embed,
@@ -165,7 +174,10 @@ impl Itc {
         tau: &Tensor,
     ) -> Result<Tensor> {
         let dtype = q.dtype();
-        let all_pairs = self.cfg.keys == KeySource::Online || self.cfg.in_batch_negatives;
+        // Without the queue every row needs the batch's other keys as
+        // negatives (momentum keys before the queue's start step).
+        let all_pairs =
+            self.cfg.keys == KeySource::Online || self.cfg.in_batch_negatives || queue.is_none();
         let (mut logits, mut mask) = if all_pairs {
             (
                 vec![q.matmul(&k.t()?)?],
@@ -219,6 +231,10 @@ impl Objective for Itc {
     fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
         if self.cfg.keys == KeySource::Online || !self.cfg.queue_negatives {
             return self.batch_losses(x);
+        }
+        if !self.queue.active() {
+            // Before the queue's start step: in-batch momentum contrast.
+            return self.batch_losses_with(x, false);
         }
         let m = x.momentum(self.name())?;
         let (f_m, t_m) = (m.image.detach(), m.text.detach());

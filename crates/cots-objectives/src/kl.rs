@@ -4,7 +4,8 @@
 //! `D_i2t(i) = softmax([f_i . t^_i, f_i . Q_T] / tau)` and
 //! `D_t2i(i) = softmax([t_i . f^_i, t_i . Q_I] / tau)`; column `k` of both is
 //! the same past pair because the queues are written in lockstep.
-//! Term: `kl` (rows averaged with the AMF pair weights).
+//! Term: `kl` (rows averaged with the AMF pair weights); zero before the
+//! queue's `start_step`.
 //!
 //! Options (the paper's choice is not public): `direction` (default
 //! symmetric) and `stop_grad_target`: the first argument of each KL is the
@@ -65,6 +66,13 @@ impl Objective for Kl {
     }
 
     fn losses(&mut self, x: &StepFeatures) -> Result<Vec<LossTerm>> {
+        if !self.queue.active() {
+            // Before the queue's start step the term is a constant zero, so
+            // the logs keep one column per term.
+            let zero =
+                candle_core::Tensor::zeros((), x.image_embed.dtype(), x.image_embed.device())?;
+            return Ok(vec![LossTerm::new("kl", zero)]);
+        }
         let m = x.momentum(self.name())?;
         let (f_m, t_m) = (m.image.detach(), m.text.detach());
         let q = self.queue.view();

@@ -38,6 +38,14 @@ pub struct QueueConfig {
     pub size: usize,
     /// Seed of the random unit vectors that fill the queue before training.
     pub seed: u64,
+    /// The first optimizer step whose objectives read the queue (default 0:
+    /// from the start, as MoCo/ALBEF). Before it the queue is filled but not
+    /// read: ITC contrasts within the batch (momentum keys, every pair a
+    /// candidate) and KL contributes nothing. Early in a short run the online
+    /// towers move fast, so keys a hundred steps old are easy negatives that
+    /// the loss learns to tell apart by age (docs/results.md, "Why ITC +
+    /// queue loses to CLIP"); a late start keeps that shortcut out.
+    pub start_step: u64,
 }
 
 impl Default for QueueConfig {
@@ -46,6 +54,7 @@ impl Default for QueueConfig {
         Self {
             size: 65_536,
             seed: 0,
+            start_step: 0,
         }
     }
 }
@@ -76,6 +85,8 @@ pub struct LockstepQueue {
     stamps: Vec<u32>,
     /// The step being trained (stamped on the next enqueue).
     step: u64,
+    /// See [`QueueConfig::start_step`].
+    start_step: u64,
 }
 
 /// Stamp of a slot that still holds its random initial vector.
@@ -131,6 +142,7 @@ impl LockstepQueue {
             ptr: 0,
             stamps: vec![NEVER_WRITTEN; cfg.size],
             step: 0,
+            start_step: cfg.start_step,
         })
     }
 
@@ -138,6 +150,12 @@ impl LockstepQueue {
     /// its slots with it.
     pub fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    /// Whether objectives read the queue at the step being trained
+    /// ([`QueueConfig::start_step`]).
+    pub fn active(&self) -> bool {
+        self.step >= self.start_step
     }
 
     /// Mean and max age (current step minus the stamp) of the written slots,
@@ -353,5 +371,10 @@ impl SharedQueue {
     /// The current contents.
     pub fn view(&self) -> QueueView {
         self.lock().view()
+    }
+
+    /// See [`LockstepQueue::active`].
+    pub fn active(&self) -> bool {
+        self.lock().active()
     }
 }

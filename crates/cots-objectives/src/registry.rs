@@ -87,8 +87,9 @@ impl Default for ObjectivesConfig {
 
 impl ObjectivesConfig {
     /// COTS: ITC over a 65,536-slot lockstep queue + MVLM + symmetric KL, all
-    /// weight 1, with the adaptive momentum filter ON (it is part of COTS)
-    /// after a 1,000-step warm-up at lambda 1.
+    /// weight 1, with the adaptive momentum filter ON (it is part of COTS;
+    /// its default rank rule acts once the batch's median rank shows a
+    /// trained momentum model).
     pub fn cots_default() -> Self {
         Self {
             queue: QueueConfig::default(),

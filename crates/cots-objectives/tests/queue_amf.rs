@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
-use cots_objectives::amf::{AdaptiveMomentumFilter, AmfConfig};
+use cots_objectives::amf::{AdaptiveMomentumFilter, AmfConfig, AmfRule};
 use cots_objectives::*;
 use cots_ops::queue::EMPTY_SLOT;
 use rand::Rng;
@@ -18,7 +18,11 @@ use rand::Rng;
 fn queues_stay_in_lockstep_through_wraparound_and_filtering() {
     let (k, b) = (12usize, 4usize);
     let mut q = LockstepQueue::new(
-        &QueueConfig { size: k, seed: 3 },
+        &QueueConfig {
+            size: k,
+            seed: 3,
+            ..Default::default()
+        },
         3,
         DType::F32,
         &Device::Cpu,
@@ -99,7 +103,11 @@ fn queues_stay_in_lockstep_through_wraparound_and_filtering() {
 #[test]
 fn queue_rejects_batches_that_do_not_divide_it() {
     let mut q = LockstepQueue::new(
-        &QueueConfig { size: 12, seed: 0 },
+        &QueueConfig {
+            size: 12,
+            seed: 0,
+            ..Default::default()
+        },
         2,
         DType::F32,
         &Device::Cpu,
@@ -121,7 +129,11 @@ fn queue_rejects_batches_that_do_not_divide_it() {
         "{err}"
     );
     let wrong = LockstepQueue::new(
-        &QueueConfig { size: 8, seed: 0 },
+        &QueueConfig {
+            size: 8,
+            seed: 0,
+            ..Default::default()
+        },
         2,
         DType::F32,
         &Device::Cpu,
@@ -189,6 +201,8 @@ fn amf_drops_mismatched_pairs_at_the_rate_the_math_predicts() {
         lambda,
         warmup_steps: warmup,
         momentum: 0.9,
+        rule: AmfRule::Threshold,
+        ..AmfConfig::default()
     })
     .expect("amf");
     let mut r = rng(22);
@@ -268,6 +282,8 @@ fn amf_drops_mismatched_pairs_at_the_rate_the_math_predicts() {
         lambda,
         warmup_steps: warmup,
         momentum: 0.9,
+        rule: AmfRule::Threshold,
+        ..AmfConfig::default()
     })
     .expect("amf");
     restored
@@ -373,7 +389,11 @@ fn configs_parse_from_toml_and_build() {
     }
     let cots = build(
         &ObjectivesConfig {
-            queue: QueueConfig { size: 64, seed: 0 },
+            queue: QueueConfig {
+                size: 64,
+                seed: 0,
+                ..Default::default()
+            },
             ..ObjectivesConfig::cots_default()
         },
         dims,
@@ -496,7 +516,11 @@ fn composition_enqueues_once_and_restores_its_state() {
 #[test]
 fn queue_staleness_matches_a_ring_of_step_stamps_and_is_checkpointed() {
     let (k, b) = (12usize, 4usize);
-    let cfg = QueueConfig { size: k, seed: 5 };
+    let cfg = QueueConfig {
+        size: k,
+        seed: 5,
+        ..Default::default()
+    };
     let mut q = LockstepQueue::new(&cfg, 3, DType::F32, &Device::Cpu).expect("queue");
     assert!(q.staleness().is_none(), "nothing written yet");
     let mut r = rng(8);

@@ -2,7 +2,11 @@
 //!
 //! candle's `LayerNorm`, `softmax_last_dim` and `rms_norm` take fused paths that
 //! have no backward: parameters before them get no gradient and nothing errors.
-//! These versions are compositions of differentiable primitives.
+//! [`layer_norm`], [`softmax_last_dim`], [`gelu_erf`] and [`bias_gelu_erf`] run
+//! the fused kernels of [`crate::fused`] (one op forward, one backward) on
+//! contiguous f32 / f64 CPU tensors, and otherwise the compositions of
+//! differentiable primitives kept here as `*_reference`, which are also what
+//! the fused kernels are tested against.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,13 +14,35 @@ use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::fused;
+
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 ///
 /// # Shapes
 /// - `x`: `[..., D]`; `weight`, `bias`: `[D]`; output: same as `x`.
 ///
-/// Statistics are computed in f32 (or f64 when `x` is f64) even for half inputs.
+/// Fused for contiguous f32 / f64 CPU tensors; otherwise
+/// [`layer_norm_reference`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied();
+    let params_fit = d.is_some_and(|d| weight.dims() == [d] && bias.dims() == [d]);
+    if params_fit && fused::fusable(&[x, weight, bias]) {
+        fused::layer_norm(x, weight, bias, eps)
+    } else {
+        layer_norm_reference(x, weight, bias, eps)
+    }
+}
+
+/// [`layer_norm`] as a composition of candle primitives (any dtype, device
+/// or layout).
+///
+/// Statistics are computed in f32 (or f64 when `x` is f64) even for half inputs.
+pub fn layer_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let in_dtype = x.dtype();
     let compute = match in_dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -34,8 +60,62 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 /// Softmax over the last dimension, with a backward pass.
+///
+/// # Shapes
+/// - `x`: `[..., D]`; output: same as `x`.
+///
+/// Fused for contiguous f32 / f64 CPU tensors; otherwise
+/// [`softmax_last_dim_reference`].
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::fusable(&[x]) {
+        fused::softmax_last_dim(x)
+    } else {
+        softmax_last_dim_reference(x)
+    }
+}
+
+/// [`softmax_last_dim`] as a composition of candle primitives.
+pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Exact GELU, `x * Phi(x) = x / 2 * (1 + erf(x / sqrt 2))` (BERT, ViT).
+///
+/// Fused for contiguous f32 / f64 CPU tensors (f32 error function:
+/// [`fused::erf_f32`]); otherwise candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused::fusable(&[x]) {
+        fused::gelu_erf(x)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// [`gelu_erf`] as a composition of candle primitives whose backward passes
+/// use exact constants (candle's own `gelu_erf` backward rounds
+/// `1 / sqrt(2 pi)` to 0.398942).
+pub fn gelu_erf_reference(x: &Tensor) -> Result<Tensor> {
+    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    x * cdf?
+}
+
+/// `gelu_erf(x + bias)`, the bias add of a linear layer fused with its
+/// activation.
+///
+/// # Shapes
+/// - `x`: `[..., D]`; `bias`: `[D]`; output: same as `x`.
+pub fn bias_gelu_erf(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let fits = x.dims().last().is_some_and(|&d| bias.dims() == [d]);
+    if fits && fused::fusable(&[x, bias]) {
+        fused::bias_gelu_erf(x, bias)
+    } else {
+        gelu_erf(&x.broadcast_add(bias)?)
+    }
+}
+
+/// [`bias_gelu_erf`] as a composition of candle primitives.
+pub fn bias_gelu_erf_reference(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    gelu_erf_reference(&x.broadcast_add(bias)?)
 }
 
 /// A seedable random generator shared by all dropout sites of a model.

@@ -197,6 +197,11 @@ pub struct TrainSection {
     pub seed: u64,
     /// EMA momentum of the momentum encoders.
     pub momentum: f64,
+    /// Unset (the default): the momentum is constant. Set: it follows a
+    /// cosine from `momentum` at the first step to this at the last (BYOL,
+    /// DINO use 0.996 -> 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum_final: Option<f64>,
     pub mlm_prob: f64,
     pub mvm_ratio: f64,
     pub log_every: u64,
@@ -213,6 +218,7 @@ impl Default for TrainSection {
             steps: 1000,
             seed: 0,
             momentum: 0.995,
+            momentum_final: None,
             mlm_prob: 0.15,
             mvm_ratio: 0.4,
             log_every: 10,
@@ -385,6 +391,13 @@ impl RunConfig {
                 "train.momentum {} is outside [0, 1]",
                 self.train.momentum
             ));
+        }
+        if let Some(m) = self
+            .train
+            .momentum_final
+            .filter(|m| !(0.0..=1.0).contains(m))
+        {
+            return bad(format!("train.momentum_final {m} is outside [0, 1]"));
         }
         if self.train.steps == 0 {
             return bad("train.steps must be at least 1".into());

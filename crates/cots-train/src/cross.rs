@@ -89,6 +89,7 @@ impl CrossTrainConfig {
             optim: self.optim.clone(),
             schedule: self.schedule.clone(),
             momentum: 0.0,
+            momentum_final: None,
             log_every: 1,
             eval_every: 0,
             checkpoint_every: self.save_every,

@@ -147,6 +147,7 @@ impl DecomposeConfig {
             optim: self.optim.clone(),
             schedule: self.schedule.clone(),
             momentum: 0.0,
+            momentum_final: None,
             log_every: 1,
             eval_every: 0,
             checkpoint_every: self.save_every,

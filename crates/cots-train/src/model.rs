@@ -303,7 +303,9 @@ impl System {
         };
         let (momentum, amf) = match momentum {
             Some((image, text)) => {
-                let amf = self.objectives.filter(&image, &text)?;
+                let amf = self
+                    .objectives
+                    .filter_pairs(&image, &text, Some(&b.image_ids))?;
                 let features = MomentumFeatures {
                     image,
                     text,

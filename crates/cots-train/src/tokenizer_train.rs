@@ -31,6 +31,8 @@ pub struct TokenizerReport {
     /// Fraction of codebook entries used over the evaluation batches.
     pub usage: f64,
     pub codebook_size: usize,
+    /// Dead codes reset to encoder outputs during training (`vq.restart_after`).
+    pub restarts: u64,
 }
 
 /// Trains a dVAE matched to the ViT of `preset` on the data of `cfg` and
@@ -74,7 +76,14 @@ pub fn train_tokenizer(
     let map = VarMap::new();
     let model = Dvae::new(dvae_cfg, VarBuilder::from_varmap(&map, DType::F32, device))?;
     crate::model::seed_init(&map, cfg.train.seed)?;
-    let vars = sorted_vars(&map);
+    let mut vq = dvae::CodebookTrainer::new(dvae_cfg, cfg.train.seed);
+    // With EMA updates the codebook is moved by `vq`, never by the optimizer.
+    let all_vars = sorted_vars(&map);
+    let vars: Vec<_> = all_vars
+        .iter()
+        .filter(|(name, _)| vq.optimizes_codebook() || !name.starts_with("codebook"))
+        .cloned()
+        .collect();
     let mut opt = AdamW::new(
         vars.clone(),
         &OptimConfig {
@@ -90,7 +99,9 @@ pub fn train_tokenizer(
     };
     for step in 0..steps {
         let b = train.next_batch()?;
-        let loss = model.forward_loss(&b.pixels.to_device(device)?)?;
+        let pixels = b.pixels.to_device(device)?;
+        vq.before_step(&model, &pixels)?;
+        let loss = model.forward_loss(&pixels)?;
         let total = loss.total.to_scalar::<f32>()?;
         if !total.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -99,8 +110,13 @@ pub fn train_tokenizer(
         }
         let grads = collect_grads(&loss.total.backward()?, &vars);
         opt.step(&grads, 2e-3)?;
+        vq.after_step(&model, &loss)?;
         bar.set_position(step + 1);
-        bar.set_message(format!("recon {:.4}", loss.recon.to_scalar::<f32>()?));
+        bar.set_message(format!(
+            "recon {:.4}, batch usage {:.0}%",
+            loss.recon.to_scalar::<f32>()?,
+            100.0 * loss.usage
+        ));
     }
     bar.finish_and_clear();
 
@@ -139,9 +155,10 @@ pub fn train_tokenizer(
         perplexity: entropy.exp(),
         usage: counts.iter().filter(|&&c| c > 0).count() as f64 / counts.len() as f64,
         codebook_size: dvae_cfg.codebook_size,
+        restarts: vq.restarts(),
     };
 
-    let tensors = vars
+    let tensors = all_vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();

@@ -42,7 +42,7 @@ use crate::metrics::{self, MetricsWriter};
 use crate::model::sorted_vars;
 use crate::optim::{self, AdamW, Grads, OptimConfig};
 use crate::run_dir::RunDir;
-use crate::schedule::{lr_at, ScheduleConfig};
+use crate::schedule::{lr_at, momentum_at, ScheduleConfig};
 use crate::{checkpoint, Error, Result};
 
 /// What the loop itself needs to know: length, optimizer, schedule, EMA and
@@ -55,6 +55,9 @@ pub struct LoopConfig {
     pub schedule: ScheduleConfig,
     /// EMA momentum of the variables that follow by EMA ([`Task::ema`]).
     pub momentum: f64,
+    /// With a value, the momentum follows a cosine from `momentum` to this
+    /// over the run ([`momentum_at`]).
+    pub momentum_final: Option<f64>,
     /// Write a metrics record every this many steps (and at the end).
     pub log_every: u64,
     /// Validate every this many steps and at the end (0: never).
@@ -354,8 +357,39 @@ impl<T: Task> Loop<T> {
         self.loader.position()
     }
 
-    /// One optimizer step.
+    /// One optimizer step on the loader's next batches.
     pub fn train_step(&mut self) -> Result<StepLog> {
+        self.step_with(|loader| loader.next_batch().map_err(Error::from))
+    }
+
+    /// One optimizer step on `batches` (one per micro-batch, so
+    /// `optim.accumulation` of them) instead of the loader's: the same
+    /// forward, backward, clipping, AdamW, EMA and `after_step`. The loader
+    /// is neither read nor advanced, so checkpoints written afterwards record
+    /// a data position these batches did not come from. For benchmarks
+    /// (benches/benches/train_step.rs), which must keep data loading out of
+    /// the timed region.
+    pub fn train_step_on(&mut self, batches: &[Batch]) -> Result<StepLog> {
+        let accum = self.cfg.optim.accumulation;
+        if batches.len() != accum {
+            return Err(Error::Config(format!(
+                "train_step_on: {} batches for optim.accumulation = {accum}",
+                batches.len()
+            )));
+        }
+        let mut next = batches.iter();
+        self.step_with(|_| {
+            next.next()
+                .cloned()
+                .ok_or_else(|| Error::Config("train_step_on: out of batches".into()))
+        })
+    }
+
+    /// One optimizer step, each micro-batch drawn by `next_batch`.
+    fn step_with(
+        &mut self,
+        mut next_batch: impl FnMut(&mut Loader) -> Result<Batch>,
+    ) -> Result<StepLog> {
         let t0 = Instant::now();
         let accum = self.cfg.optim.accumulation as u64;
         // Frozen variables (an `optim.lr_scales` multiplier of 0) get no
@@ -373,7 +407,7 @@ impl<T: Task> Loop<T> {
         let mut stats = Vec::new();
         let mut pairs = 0usize;
         for micro in 0..accum {
-            let batch = self.loader.next_batch()?;
+            let batch = next_batch(&mut self.loader)?;
             pairs += batch.captions.len();
             let ctx = StepContext {
                 seed: self.cfg.seed,
@@ -422,7 +456,13 @@ impl<T: Task> Loop<T> {
         // The EMA moves once per optimizer step, before the task's updates
         // (COTS enqueues keys of the updated momentum towers' step).
         if let Some(ema) = self.task.ema() {
-            ema.update(self.cfg.momentum)?;
+            let m = momentum_at(
+                self.cfg.momentum,
+                self.cfg.momentum_final,
+                self.step,
+                self.cfg.steps,
+            );
+            ema.update(m)?;
         }
         self.task.after_step(kept)?;
         self.step += 1;

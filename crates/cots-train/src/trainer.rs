@@ -173,6 +173,11 @@ pub struct Cots {
     data: Arc<Dataset>,
     /// The training split as the loader reads it.
     train: Arc<Dataset>,
+    /// Per item of `train`: whether `data.noisy_pairs` gave it captions
+    /// that are not its own (`None` without injected noise). The loader's
+    /// `Batch::item_indices` maps each row to its item, so the labels reach
+    /// the filter's precision and recall without riding in the batch.
+    noisy_items: Option<Arc<Vec<bool>>>,
     loader_cfg: LoaderConfig,
     device: Device,
 }
@@ -216,9 +221,21 @@ impl Cots {
             ));
         }
         let mut train = data.split(Split::Train)?;
+        let mut noisy_items = None;
         if cfg.data.noisy_pairs > 0.0 {
+            let clean = train.clone();
             let noisy =
                 train.with_noisy_pairs(cfg.data.noisy_pairs, cfg.train.seed ^ 0x004e_015e)?;
+            // The label is what a pair is, not what the injection touched: an
+            // item handed captions identical to its own is still a right pair.
+            noisy_items = Some(Arc::new(
+                clean
+                    .items
+                    .iter()
+                    .zip(&train.items)
+                    .map(|(a, b)| a.captions != b.captions)
+                    .collect(),
+            ));
             tracing::info!(
                 "noisy pairs: {} of {} training images carry another image's captions",
                 noisy.len(),
@@ -240,6 +257,7 @@ impl Cots {
             tokenizer: Arc::new(tokenizer),
             data: Arc::new(data),
             train: Arc::new(train),
+            noisy_items,
             loader_cfg,
             device: device.clone(),
         })
@@ -254,6 +272,7 @@ impl Cots {
             optim: c.optim.clone(),
             schedule: c.schedule.clone(),
             momentum: t.momentum,
+            momentum_final: t.momentum_final,
             log_every: t.log_every,
             eval_every: t.eval_every,
             checkpoint_every: t.checkpoint_every,
@@ -365,7 +384,7 @@ impl Task for Cots {
         }
         let out = self.system.forward(&sb, Some(&ctx.dropout()))?;
         let mut stats = match &out.amf {
-            Some(a) => vec![("amf_filtered".to_string(), a.filtered_fraction)],
+            Some(a) => amf_stats(a, self.noisy_items.as_deref(), &batch.item_indices)?,
             None => Vec::new(),
         };
         // The diagnostics cost a [B, K] product and host reads: only on the
@@ -433,6 +452,61 @@ impl Task for Cots {
             }
         }
     }
+}
+
+/// What the adaptive momentum filter did this step, logged every step
+/// (issue #31): the dropped fraction, whether the rule was active, the
+/// batch's median rank (rank rule), and, when noise was injected, its
+/// precision and recall against the labels (`amf_precision`, `amf_recall`,
+/// absent on a step where they are undefined: nothing dropped, no noisy
+/// pair), the counts they come from (`amf_dropped`, `amf_noisy`,
+/// `amf_true_drops`, to pool over steps), and the mean decision score of
+/// the noisy and the clean rows (`amf_score_noisy`, `amf_score_clean`).
+fn amf_stats(
+    a: &cots_objectives::amf::AmfStats,
+    noisy_items: Option<&Vec<bool>>,
+    item_indices: &[usize],
+) -> Result<Vec<(String, f64)>> {
+    let mut stats = vec![
+        ("amf_filtered".to_string(), a.filtered_fraction),
+        ("amf_active".to_string(), f64::from(u8::from(a.active))),
+    ];
+    if let Some(m) = a.median_rank {
+        stats.push(("amf_median_rank".to_string(), m));
+    }
+    let Some(labels) = noisy_items else {
+        return Ok(stats);
+    };
+    let noisy: Vec<bool> = item_indices
+        .iter()
+        .map(|&i| labels.get(i).copied().unwrap_or(false))
+        .collect();
+    let d = cots_objectives::amf::detection(&a.dropped, &noisy)?;
+    for (k, v) in [
+        ("amf_dropped", d.dropped),
+        ("amf_noisy", d.noisy),
+        ("amf_true_drops", d.true_drops),
+    ] {
+        stats.push((k.to_string(), v as f64));
+    }
+    for (k, v) in [("amf_precision", d.precision), ("amf_recall", d.recall)] {
+        if let Some(v) = v {
+            stats.push((k.to_string(), v));
+        }
+    }
+    for (k, want) in [("amf_score_noisy", true), ("amf_score_clean", false)] {
+        let rows: Vec<f64> = a
+            .row_scores
+            .iter()
+            .zip(&noisy)
+            .filter(|(_, &n)| n == want)
+            .map(|(&s, _)| s)
+            .collect();
+        if !rows.is_empty() {
+            stats.push((k.to_string(), rows.iter().sum::<f64>() / rows.len() as f64));
+        }
+    }
+    Ok(stats)
 }
 
 /// Diagnostics of the instance level, logged every step (issue #31): the

@@ -84,7 +84,8 @@ pub struct DemoArgs {
     /// default `runs/demo`, or `runs/demo-video` with `--video`.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Training steps (the default fits in a few minutes on two cores).
+    /// Training steps (the default, 400, fits in a few minutes on two cores;
+    /// the queue starts at the same fraction of the run, half way).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Text-to-video instead: train on the embedded synthetic clips with mean
@@ -118,6 +119,11 @@ pub struct TrainTokenizerArgs {
     /// ViT preset the codes must match: tiny, small or base.
     #[arg(long, default_value = "small")]
     pub preset: String,
+    /// A dvae.json to use instead of the preset (shape and the `vq` codebook
+    /// remedies; e.g. `"vq": {"kmeans_iters": 0, "restart_after": 0}` for the
+    /// plain VQ-VAE that collapses).
+    #[arg(long, conflicts_with = "preset")]
+    pub dvae_config: Option<PathBuf>,
     /// Training steps.
     #[arg(long, default_value_t = 300)]
     pub steps: u64,
@@ -334,6 +340,9 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     let mut cfg: RunConfig = toml::from_str(DEMO_CONFIG).context("the embedded demo config")?;
     cfg.train.out = out.clone();
     if let Some(s) = a.steps {
+        // The queue starts at the same fraction of a longer or shorter run.
+        let q = &mut cfg.objectives.queue;
+        q.start_step = q.start_step * s / cfg.train.steps.max(1);
         cfg.train.steps = s;
     }
     clear_earlier_demo(&out)?;
@@ -452,11 +461,20 @@ pub fn train_tokenizer(ctx: &Ctx, a: TrainTokenizerArgs) -> Result<()> {
         Some(p) => RunConfig::load(p)?,
         None => toml::from_str(DEMO_CONFIG)?,
     };
-    let dcfg = match a.preset.as_str() {
-        "tiny" => dvae::Config::tiny(),
-        "small" => dvae::Config::small(),
-        "base" => dvae::Config::base(),
-        other => bail!("unknown preset `{other}` (tiny, small or base)"),
+    let dcfg = match (&a.dvae_config, a.preset.as_str()) {
+        (Some(p), _) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let c: dvae::Config =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            c.validate()
+                .with_context(|| format!("validating {}", p.display()))?;
+            c
+        }
+        (None, "tiny") => dvae::Config::tiny(),
+        (None, "small") => dvae::Config::small(),
+        (None, "base") => dvae::Config::base(),
+        (None, other) => bail!("unknown preset `{other}` (tiny, small or base)"),
     };
     let r = cots_train::tokenizer_train::train_tokenizer(
         &cfg,
@@ -467,12 +485,13 @@ pub fn train_tokenizer(ctx: &Ctx, a: TrainTokenizerArgs) -> Result<()> {
         ctx.quiet,
     )?;
     outln!(
-        "visual tokenizer saved in {}: reconstruction MSE {:.4}, code perplexity {:.1}, {:.0}% of {} codes used",
+        "visual tokenizer saved in {}: reconstruction MSE {:.4}, code perplexity {:.1}, {:.0}% of {} codes used ({} dead-code restarts)",
         a.out.display(),
         r.recon_mse,
         r.perplexity,
         100.0 * r.usage,
-        r.codebook_size
+        r.codebook_size,
+        r.restarts
     )?;
     Ok(())
 }
