@@ -40,6 +40,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 pub use crate::queue_fused::exp_f32;
+use crate::queue_fused::slice_of;
 
 /// Elements per block of rows (one unit of parallel work).
 pub const BLOCK_ELEMS: usize = 16 * 1024;
@@ -254,13 +255,6 @@ fn run_blocks<K: Kernel>(k: &K, out: &mut [K::Elem], d: usize) -> Vec<K::Partial
     } else {
         out.chunks_mut(block).enumerate().map(run).collect()
     }
-}
-
-fn slice_of<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("fused ops need contiguous inputs (the public functions fall back otherwise)")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {

@@ -240,9 +240,11 @@ fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Resu
     f(&cpu.as_slice::<T>()?[start..end])
 }
 
-fn slice_of<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The elements of a contiguous CPU storage `s` under layout `l` (also used
+/// by [`crate::fused`]).
+pub(crate) fn slice_of<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("the fused queue ops need contiguous inputs")
+        bail!("the fused ops need contiguous inputs (the public functions fall back otherwise)")
     };
     Ok(&s.as_slice::<T>()?[start..end])
 }
