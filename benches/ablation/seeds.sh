@@ -21,6 +21,7 @@
 #   START=N                queue start step of the `*_late*` rows (default steps / 2)
 #   TEMP_MIN=T             temperature floor of the `*_floor*` rows (default 0.03)
 #   KL_OPTS='weight = 0.1' extra lines of every KL objective (default none)
+#   DVAE=DIR               the visual tokenizer of the MVM rows (no default)
 # The fast screen on the tiny preset (seconds per run):
 #   CONFIG=benches/ablation/tiny.toml QUEUE=128 SMALL_QUEUE=32 \
 #   OUT=runs/ablation-tiny bash benches/ablation/seeds.sh 150
@@ -132,6 +133,44 @@ kind = \"itc\"
 in_batch_negatives = true
 $kl"
 
+# The token level on top of ITC + queue from mid-run + KL (temperature
+# floor): masked language modeling only, masked vision modeling only (the
+# visual tokenizer at $DVAE), both. The MVM rows need DVAE=<dir of
+# dvae.json + dvae.safetensors> (`cots train-tokenizer --out DIR`).
+mvlm() { printf '%s\n%s\n[[objectives.objectives]]\nkind = "mvlm"\nmlm = %s\nmvm = %s' "$late" "[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl" "$1" "$2"; }
+add itc_late_floor_kl_mlm "ITC in-batch + queue from step $start, + KL, + MLM, temperature >= $tmin" "$(mvlm true false)"
+add itc_late_floor_kl_mvm "ITC in-batch + queue from step $start, + KL, + MVM, temperature >= $tmin" "$(mvlm false true)"
+add itc_late_floor_kl_mvlm "ITC in-batch + queue from step $start, + KL, + MLM + MVM, temperature >= $tmin" "$(mvlm true true)"
+
+# Under noise: rows whose name ends in `_noisy` train on data where 20 % of
+# the training images carry another image's captions (`data.noisy_pairs`),
+# logging every 5th step (the filter's precision and recall, pooled over
+# the last 100 steps, go into <out>/amf.md). The test split stays clean.
+add clip_noisy "CLIP in-batch, 20 % noisy pairs" '[objectives.amf]
+enabled = false
+[[objectives.objectives]]
+kind = "clip"'
+add itc_late_floor_kl_noisy "ITC in-batch + queue from step $start, + KL, temperature >= $tmin, 20 % noisy pairs" "$late
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl"
+add itc_late_floor_kl_amf_noisy "the same + AMF (rank rule, defaults), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true#')
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl"
+# The rank rule's `quantile` trades recall for precision: a wrong caption's
+# rank is about uniform, so a quantile q drops about q of them.
+add itc_late_floor_kl_amf_q07_noisy "the same + AMF (rank rule, quantile 0.7), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.7#')
+[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true
+$kl"
+
 selected() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
 
 if [ -z "${TABLE_ONLY:-}" ]; then
@@ -147,7 +186,14 @@ if [ -z "${TABLE_ONLY:-}" ]; then
       if [[ "$name" == *_m999 ]]; then sed -i "s#^momentum = .*#momentum = 0.999#" "$cfg"; fi
       if [[ "$name" == *_floor* ]]; then
         grep -q '^temp_init = ' "$cfg" || { echo "$name needs a temp_init line in [model.two_stream] of $config" >&2; exit 2; }
-        sed -i "s#^temp_init = \(.*\)#temp_init = \1\ntemp_min = $tmin#" "$cfg"
+        sed -i "/^temp_min = /d; s#^temp_init = \(.*\)#temp_init = \1\ntemp_min = $tmin#" "$cfg"
+      fi
+      if [[ "$name" == *_mvm || "$name" == *_mvlm ]]; then
+        [ -f "${DVAE:-}/dvae.json" ] || { echo "$name needs DVAE=<dir with dvae.json> (cots train-tokenizer --out DIR)" >&2; exit 2; }
+        sed -i "s#^\[model\]\$#[model]\ndvae = \"$DVAE\"#" "$cfg"
+      fi
+      if [[ "$name" == *_noisy ]]; then
+        sed -i "s#^\[data\]\$#[data]\nnoisy_pairs = 0.2#; s#^\[train\]\$#[train]\nlog_every = 5#" "$cfg"
       fi
       rm -rf "$dir"
       t0=$(date +%s)
@@ -189,4 +235,47 @@ for arg in sys.argv[3:]:
     per = ", ".join(f"{v[1]:.1f}" for v in vals)
     print(f"| {desc} (`{name}`) | {' '.join(v[0] for v in vals)} | {cols[0]} | {cols[1]} | {cols[2]} | {per} |")
 PY
+# The filter's precision and recall against the injected labels, pooled
+# over the logged steps of the last 100 (sums of `amf_true_drops`,
+# `amf_dropped`, `amf_noisy` from metrics.jsonl).
+python3 - "$out" "$seeds" "$steps" "${rows_arg[@]}" > "$out/amf.md" <<'PY'
+import json, os, statistics, sys
+out, seeds, steps = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
+rows = []
+for arg in sys.argv[4:]:
+    name, desc = arg.split("=", 1)
+    if "_amf" not in name:
+        continue
+    per = []
+    for s in seeds:
+        p = os.path.join(out, name, f"seed{s}", "metrics.jsonl")
+        if not (os.path.exists(p) and os.path.exists(os.path.join(out, name, f"seed{s}", "eval.json"))):
+            continue
+        t = d = n = 0.0
+        active = 0
+        for line in open(p):
+            r = json.loads(line)
+            if r.get("step", 0) <= steps - 100 or "amf_noisy" not in r:
+                continue
+            t += r["amf_true_drops"]; d += r["amf_dropped"]; n += r["amf_noisy"]
+            active += int(r.get("amf_active", 0))
+        prec = t / d if d else float("nan")
+        rec = t / n if n else float("nan")
+        per.append((s, prec, rec, d, n, active))
+    if per:
+        rows.append((name, desc, per))
+if rows:
+    print("| objectives | seeds | precision | recall | per seed: precision / recall (dropped, noisy, active logged steps) |")
+    print("|---|---|---|---|---|")
+    for name, desc, per in rows:
+        def ms(xs):
+            xs = [x for x in xs if x == x]
+            if not xs:
+                return "-"
+            return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+        detail = "; ".join(f"{p:.2f} / {r:.2f} ({d:.0f}, {n:.0f}, {a})" for _, p, r, d, n, a in per)
+        print(f"| {desc} (`{name}`) | {' '.join(x[0] for x in per)} | {ms([x[1] for x in per])} | {ms([x[2] for x in per])} | {detail} |")
+PY
 cat "$out/table.md"
+[ -s "$out/amf.md" ] && cat "$out/amf.md"
+true

@@ -4,6 +4,16 @@
 //! shapes (ViT 3x128 on 64 px: 65 tokens, 4 heads, batch 32) and the base
 //! model's (ViT-B/16: 197 tokens, 12 heads, 768 wide, batch 8).
 //!
+//! Attention (`cots_ops::attention`, one fused op forward and one backward)
+//! is compared with the composition the encoders ran before it: batched
+//! matmul, fused softmax, batched matmul, each matmul one gemm call per head;
+//! `attention_packed` on `[B, L, H * D]` projections (what the encoders run
+//! now) with that composition plus the head split and merge copies around it.
+//!
+//! The fused linear (`cots_ops::linear`: bias folded into the product, one
+//! op each way) is compared with candle-nn's `Linear` (a 2-D matmul and a
+//! broadcast bias add).
+//!
 //! Run: `cargo bench -p cots-benches --bench fused_ops`. On shared cores
 //! only the ratio of fused to reference in the same run means anything;
 //! repeat the run before trusting it.
@@ -52,6 +62,62 @@ fn bias_gelu_candle(t: &[Tensor]) -> Result<Tensor> {
     t[0].broadcast_add(&t[1])?.gelu_erf()
 }
 
+/// Self-attention with scale `1 / sqrt(Dh)`; inputs q, k, v.
+fn attn(t: &[Tensor]) -> Result<Tensor> {
+    let scale = 1.0 / (t[0].dim(3)? as f64).sqrt();
+    cots_ops::attention(&t[0], &t[1], &t[2], None, scale)
+}
+fn attn_composed(t: &[Tensor]) -> Result<Tensor> {
+    let scale = 1.0 / (t[0].dim(3)? as f64).sqrt();
+    let scores = (t[0].matmul(&t[1].t()?)? * scale)?;
+    nn::softmax_last_dim(&scores)?.matmul(&t[2])
+}
+
+/// `[B, L, H, D]` inputs viewed as `[B, L, H * D]` projections.
+fn packed(t: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, l, h, d) = t.dims4()?;
+    Ok((t.reshape((b, l, h * d))?, h))
+}
+fn attn_packed(t: &[Tensor]) -> Result<Tensor> {
+    let ((q, h), (k, _), (v, _)) = (packed(&t[0])?, packed(&t[1])?, packed(&t[2])?);
+    let scale = 1.0 / (t[0].dim(3)? as f64).sqrt();
+    cots_ops::attention_packed(&q, &k, &v, h, None, scale)
+}
+fn attn_split_composed_merge(t: &[Tensor]) -> Result<Tensor> {
+    let (b, l, h, d) = t[0].dims4()?;
+    // The encoders' split: `[B, L, H * D]` viewed as `[B, L, H, D]`, heads
+    // to the front, copied.
+    let split = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    let heads = [split(&t[0])?, split(&t[1])?, split(&t[2])?];
+    attn_composed(&heads)?
+        .transpose(1, 2)?
+        .reshape((b, l, h * d))
+}
+
+fn lin(t: &[Tensor]) -> Result<Tensor> {
+    cots_ops::linear(&t[0], &t[1], Some(&t[2]))
+}
+fn lin_candle(t: &[Tensor]) -> Result<Tensor> {
+    use candle_core::Module;
+    candle_nn::Linear::new(t[1].clone(), Some(t[2].clone())).forward(&t[0])
+}
+
+/// Linear layers `[B, L, in] -> [B, L, out]`: `(label, [B, L, in], out)`.
+fn bench_linear(c: &mut Criterion, cases: &[(&str, [usize; 3], usize)]) {
+    let mut g = c.benchmark_group("linear");
+    g.sample_size(20);
+    for (size, x_shape, out) in cases {
+        let vars = [randn(x_shape), randn(&[*out, x_shape[2]]), randn(&[*out])]
+            .map(|t| Var::from_tensor(&t).expect("var"));
+        for (name, op) in [("fused", lin as Op), ("candle-nn Linear", lin_candle)] {
+            g.bench_with_input(BenchmarkId::new(name, size), &vars, |b, v| {
+                b.iter(|| step(op, v))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench_group(c: &mut Criterion, group: &str, cases: &[(&str, Vec<usize>)], ops: &[(&str, Op)]) {
     let mut g = c.benchmark_group(group);
     g.sample_size(20);
@@ -67,6 +133,12 @@ fn bench_group(c: &mut Criterion, group: &str, cases: &[(&str, Vec<usize>)], ops
         for _ in 0..n_params {
             vars.push(Var::from_tensor(&randn(&[d])).expect("var"));
         }
+        if group.starts_with("attention") {
+            // k and v have q's shape.
+            for _ in 0..2 {
+                vars.push(Var::from_tensor(&randn(shape)).expect("var"));
+            }
+        }
         for &(name, op) in ops {
             g.bench_with_input(BenchmarkId::new(name, size), &vars, |b, v| {
                 b.iter(|| step(op, v))
@@ -78,6 +150,35 @@ fn bench_group(c: &mut Criterion, group: &str, cases: &[(&str, Vec<usize>)], ops
 
 fn fused_ops(c: &mut Criterion) {
     assert_eq!(randn(&[1]).dtype(), DType::F32);
+    bench_group(
+        c,
+        "attention",
+        &[
+            ("demo 32x4x65x32", vec![32, 4, 65, 32]),
+            ("base 8x12x197x64", vec![8, 12, 197, 64]),
+        ],
+        &[("fused", attn), ("composition", attn_composed)],
+    );
+    bench_group(
+        c,
+        "attention_packed",
+        &[
+            ("demo 32x65x4x32", vec![32, 65, 4, 32]),
+            ("base 8x197x12x64", vec![8, 197, 12, 64]),
+        ],
+        &[
+            ("fused packed", attn_packed),
+            ("split + composition + merge", attn_split_composed_merge),
+        ],
+    );
+    bench_linear(
+        c,
+        &[
+            ("demo 32x65x128 -> 128", [32, 65, 128], 128),
+            ("demo 32x65x128 -> 512", [32, 65, 128], 512),
+            ("base 8x197x768 -> 768", [8, 197, 768], 768),
+        ],
+    );
     bench_group(
         c,
         "layer_norm",

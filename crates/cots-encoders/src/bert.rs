@@ -182,6 +182,13 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
     Ok(Linear::new(w, Some(b)))
 }
 
+/// `layer(x)` as one fused op forward and one backward
+/// ([`cots_ops::linear`]: the bias add folded into the product), for every
+/// `[B, L, in]` projection inside the transformer blocks.
+pub(crate) fn dense(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    Ok(cots_ops::linear(x, layer.weight(), layer.bias())?)
+}
+
 /// LayerNorm with a backward pass (candle's fused one has none).
 #[derive(Clone, Debug)]
 pub(crate) struct LayerNorm {
@@ -241,6 +248,12 @@ impl SelfAttention {
     /// # Shapes
     /// - `x`: `[B, L, D]`; `bias`: broadcastable to `[B, H, L, L]`
     ///   (usually `[B, 1, 1, L]` from [`attention_bias`]); output `[B, L, D]`.
+    ///
+    /// Without attention dropout (evaluation, or a probability of 0) this
+    /// is [`cots_ops::attention_packed`] on the projections: one fused op
+    /// forward and backward over all heads, no split or merge copies; with
+    /// it, the composition with a dropout between the softmax and the value
+    /// product.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -248,12 +261,22 @@ impl SelfAttention {
         rng: Option<&SeededRng>,
     ) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if self.dropout <= 0.0 || rng.is_none() {
+            let (q, k, v) = (
+                dense(&self.query, x)?,
+                dense(&self.key, x)?,
+                dense(&self.value, x)?,
+            );
+            return Ok(cots_ops::attention_packed(
+                &q, &k, &v, self.heads, bias, scale,
+            )?);
+        }
         // Scaling the queries instead of the scores touches L*D values
         // rather than L*L per head.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = self.split_heads(&(self.query.forward(x)? * scale)?)?;
-        let k = self.split_heads(&self.key.forward(x)?)?;
-        let v = self.split_heads(&self.value.forward(x)?)?;
+        let q = self.split_heads(&(dense(&self.query, x)? * scale)?)?;
+        let k = self.split_heads(&dense(&self.key, x)?)?;
+        let v = self.split_heads(&dense(&self.value, x)?)?;
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
@@ -419,11 +442,11 @@ impl BertLayer {
         rng: Option<&SeededRng>,
     ) -> Result<Tensor> {
         let a = self.attention.forward(x, bias, rng)?;
-        let a = self.attention_output.forward(&a)?;
+        let a = dense(&self.attention_output, &a)?;
         let a = cots_ops::dropout(&a, self.dropout, rng)?;
         let x = self.attention_norm.forward(&(a + x)?)?;
-        let h = self.act.apply(&self.intermediate.forward(&x)?)?;
-        let h = self.output.forward(&h)?;
+        let h = self.act.apply(&dense(&self.intermediate, &x)?)?;
+        let h = dense(&self.output, &h)?;
         let h = cots_ops::dropout(&h, self.dropout, rng)?;
         self.output_norm.forward(&(h + x)?)
     }

@@ -34,6 +34,8 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -484,31 +486,6 @@ impl Dvae {
     }
 }
 
-/// SplitMix64 (Steele et al., 2014): a small seeded generator, so that the
-/// codebook remedies are reproducible without a runtime dependency on `rand`.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n`; `n` must be positive.
-    fn below(&mut self, n: usize) -> usize {
-        ((self.unit() * n as f64) as usize).min(n - 1)
-    }
-}
-
 /// k-means++ seeding (Arthur & Vassilvitskii, 2007): the first centre is a
 /// random row, each next one a row drawn with probability proportional to
 /// its squared distance to the nearest centre so far. When every row
@@ -517,19 +494,19 @@ impl SplitMix64 {
 ///
 /// # Shapes
 /// - `rows`: `n * d` row-major, `n >= 1`; returns `k * d` row-major.
-fn kmeans_plus_plus(rows: &[f32], d: usize, k: usize, rng: &mut SplitMix64) -> Vec<f32> {
+fn kmeans_plus_plus(rows: &[f32], d: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let n = rows.len() / d;
     let row = |i: usize| &rows[i * d..(i + 1) * d];
     let dist2 = |a: &[f32], b: &[f32]| -> f64 {
         a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum()
     };
     let mut centres = Vec::with_capacity(k * d);
-    centres.extend_from_slice(row(rng.below(n)));
+    centres.extend_from_slice(row(rng.random_range(0..n)));
     let mut nearest: Vec<f64> = (0..n).map(|i| dist2(row(i), &centres[..d])).collect();
     while centres.len() < k * d {
         let total: f64 = nearest.iter().sum();
         let pick = if total > 0.0 {
-            let mut target = rng.unit() * total;
+            let mut target = rng.random::<f64>() * total;
             let mut pick = n - 1;
             for (i, &w) in nearest.iter().enumerate() {
                 if target < w {
@@ -540,7 +517,7 @@ fn kmeans_plus_plus(rows: &[f32], d: usize, k: usize, rng: &mut SplitMix64) -> V
             }
             pick
         } else {
-            rng.below(n)
+            rng.random_range(0..n)
         };
         let start = centres.len();
         centres.extend_from_slice(row(pick));
@@ -600,7 +577,7 @@ pub fn kmeans(rows: &Tensor, k: usize, iters: usize, seed: u64) -> Result<Tensor
         )));
     }
     let host = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let seeds = kmeans_plus_plus(&host, d, k, &mut SplitMix64(seed));
+    let seeds = kmeans_plus_plus(&host, d, k, &mut ChaCha8Rng::seed_from_u64(seed));
     let mut c = Tensor::from_vec(seeds, (k, d), rows.device())?.to_dtype(rows.dtype())?;
     for _ in 0..iters {
         c = lloyd_step(rows, &c)?.0;
@@ -632,7 +609,7 @@ pub struct CodebookTrainer {
     /// Step at which each code was last chosen (or restarted).
     last_used: Vec<u64>,
     ema: Option<EmaState>,
-    rng: SplitMix64,
+    rng: ChaCha8Rng,
     initialised: bool,
     restarts: u64,
 }
@@ -646,7 +623,7 @@ impl CodebookTrainer {
             step: 0,
             last_used: vec![0; cfg.codebook_size],
             ema: None,
-            rng: SplitMix64(seed ^ 0x5EED_C0DE_B00C),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_C0DE_B00C),
             initialised: false,
             restarts: 0,
         }
@@ -678,7 +655,7 @@ impl CodebookTrainer {
             return Ok(());
         }
         let z = dvae.latents(pixels)?;
-        let seed = self.rng.next_u64();
+        let seed = self.rng.random::<u64>();
         let c = kmeans(&z, self.codebook_size, self.cfg.kmeans_iters, seed)?;
         dvae.set_codebook(&c)
     }
@@ -759,16 +736,14 @@ impl CodebookTrainer {
             let dead: Vec<usize> = (0..k)
                 .filter(|&c| step - self.last_used[c] >= self.cfg.restart_after as u64)
                 .collect();
-            // Distinct rows where the batch has enough (a partial Fisher-Yates
-            // shuffle), so that two restarted codes do not start on one vector.
-            let mut order: Vec<usize> = (0..n).collect();
+            // Distinct rows where the batch has enough, so that two
+            // restarted codes do not start on one vector.
+            let distinct = rand::seq::index::sample(&mut self.rng, n, dead.len().min(n));
             for (i, &c) in dead.iter().enumerate() {
                 let r = if i < n {
-                    let j = i + self.rng.below(n - i);
-                    order.swap(i, j);
-                    order[i]
+                    distinct.index(i)
                 } else {
-                    self.rng.below(n)
+                    self.rng.random_range(0..n)
                 };
                 let row = &latents[r * d..(r + 1) * d];
                 book[c * d..(c + 1) * d].copy_from_slice(row);
@@ -797,7 +772,6 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-    use rand::{Rng, SeedableRng};
 
     /// Images made of 8 x 8 flat-coloured patches from a 4-colour palette with
     /// zero mean, so predicting the mean image leaves the full variance: only

@@ -8,12 +8,12 @@
 //! patches, as in BEiT, for masked vision modeling. Every piece has a
 //! backward pass and dropout is driven by an explicit [`SeededRng`].
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use cots_ops::SeededRng;
 use serde::{Deserialize, Serialize};
 
-use crate::bert::{check_heads, linear, Activation, LayerNorm, SelfAttention};
+use crate::bert::{check_heads, dense, linear, Activation, LayerNorm, SelfAttention};
 use crate::{Error, Result};
 
 fn default_act() -> Activation {
@@ -164,14 +164,11 @@ impl ViTLayer {
         let a = self
             .attention
             .forward(&self.layernorm_before.forward(x)?, None, rng)?;
-        let a = self.attention_output.forward(&a)?;
+        let a = dense(&self.attention_output, &a)?;
         let x = (cots_ops::dropout(&a, self.dropout, rng)? + x)?;
-        let h = self.act.apply(
-            &self
-                .intermediate
-                .forward(&self.layernorm_after.forward(&x)?)?,
-        )?;
-        let h = self.output.forward(&h)?;
+        let h = dense(&self.intermediate, &self.layernorm_after.forward(&x)?)?;
+        let h = self.act.apply(&h)?;
+        let h = dense(&self.output, &h)?;
         Ok((cots_ops::dropout(&h, self.dropout, rng)? + x)?)
     }
 }

@@ -20,13 +20,22 @@ fn probe(x: &Tensor) -> candle_core::Result<Tensor> {
     (x * r)?.sum_all()
 }
 
+/// Both attention paths: the fused op (no attention dropout) and the
+/// composition with dropout between the softmax and the value product.
 #[test]
 fn vit_every_variable_gets_a_gradient() -> TestResult {
+    for dropout in [0.0, 0.1] {
+        vit_grads(dropout)?;
+    }
+    Ok(())
+}
+
+fn vit_grads(dropout: f64) -> TestResult {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let cfg = vit::Config {
-        hidden_dropout_prob: 0.1,
-        attention_probs_dropout_prob: 0.1,
+        hidden_dropout_prob: dropout,
+        attention_probs_dropout_prob: dropout,
         ..vit::Config::tiny()
     };
     let model = vit::VisionTransformer::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
@@ -41,11 +50,23 @@ fn vit_every_variable_gets_a_gradient() -> TestResult {
     assert_all_grads(&vm, &probe(&out)?)
 }
 
+/// Both attention paths, with a padded row: the fused op (no attention
+/// dropout) and the composition (the tiny preset's dropout).
 #[test]
 fn bert_every_variable_gets_a_gradient() -> TestResult {
+    for dropout in [Some(0.0), None] {
+        bert_grads(dropout)?;
+    }
+    Ok(())
+}
+
+fn bert_grads(attention_dropout: Option<f64>) -> TestResult {
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let cfg = bert::Config::tiny(50);
+    let mut cfg = bert::Config::tiny(50);
+    if let Some(p) = attention_dropout {
+        cfg.attention_probs_dropout_prob = p;
+    }
     let model = bert::BertModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     let ids = Tensor::new(&[[2u32, 7, 9, 11, 3], [2, 13, 3, 0, 0]], &dev)?;
     let types = Tensor::new(&[[0u32, 0, 0, 1, 1], [0, 1, 1, 0, 0]], &dev)?;

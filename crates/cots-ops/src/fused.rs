@@ -169,7 +169,7 @@ fn gelu_grad<T: Float>(x: T) -> T {
 // associative, so LLVM vectorises a reduction only when it is written so).
 
 #[inline(always)]
-fn reduce<T: Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+pub(crate) fn reduce<T: Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = a
         .chunks_exact(LANES)
@@ -192,7 +192,7 @@ fn reduce<T: Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
 }
 
 #[inline(always)]
-fn max_of<T: Float>(a: &[T]) -> T {
+pub(crate) fn max_of<T: Float>(a: &[T]) -> T {
     let ninf = T::from_f64(f64::NEG_INFINITY);
     let mut acc = [ninf; LANES];
     for c in a.chunks_exact(LANES) {

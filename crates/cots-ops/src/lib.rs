@@ -5,6 +5,12 @@
 //!   seeded dropout), because candle's fused versions have no backward pass
 //!   and silently cut gradients; each has a composition of primitive candle
 //!   ops as its reference;
+//! - [`attention`]: multi-head scaled dot-product attention as one fused CPU
+//!   op with a backward pass (batch entries split over rayon's pool,
+//!   single-threaded gemm per head; heads split `[B, H, L, D]` or packed
+//!   `[B, L, H * D]`), and its composition as the reference;
+//! - [`linear`]: `x W^T + b` as one fused CPU op with a backward pass (the
+//!   bias add folded into the product, `dW` and `db` from the same op);
 //! - [`fused`]: the CPU kernels behind them (one custom op forward, one
 //!   backward, rows in parallel on rayon's pool);
 //! - [`queue`]: the contrastive softmax over negative queues (COTS instance
@@ -16,7 +22,9 @@
 //!
 //! Nothing here knows about models, data or training.
 
+pub mod attention;
 pub mod fused;
+pub mod linear;
 pub mod nn;
 pub mod queue;
 #[cfg(feature = "cuda")]
@@ -25,4 +33,6 @@ pub mod queue_fused;
 #[cfg(feature = "cuda")]
 pub mod queue_kl_cuda;
 
+pub use attention::{attention, attention_packed, attention_reference};
+pub use linear::{linear, linear_reference};
 pub use nn::{bias_gelu_erf, dropout, gelu_erf, layer_norm, softmax_last_dim, SeededRng};
