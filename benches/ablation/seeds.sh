@@ -158,14 +158,14 @@ add itc_late_floor_kl_noisy "ITC in-batch + queue from step $start, + KL, temper
 kind = \"itc\"
 in_batch_negatives = true
 $kl"
-add itc_late_floor_kl_amf_noisy "the same + AMF (rank rule, defaults), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true#')
+add itc_late_floor_kl_amf_noisy "the same + AMF (rank rule, quantile 0.5), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.5#')
 [[objectives.objectives]]
 kind = \"itc\"
 in_batch_negatives = true
 $kl"
 # The rank rule's `quantile` trades recall for precision: a wrong caption's
 # rank is about uniform, so a quantile q drops about q of them.
-add itc_late_floor_kl_amf_q07_noisy "the same + AMF (rank rule, quantile 0.7), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.7#')
+add itc_late_floor_kl_amf_q07_noisy "the same + AMF (rank rule, quantile 0.7, the default), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.7#')
 [[objectives.objectives]]
 kind = \"itc\"
 in_batch_negatives = true

@@ -16,9 +16,10 @@
 //! out. `p_i = (p_i2t + p_t2i) / 2`; pairs with `p_i < quantile` are dropped.
 //! Why a rank: a wrong caption is just another random text for its image, so
 //! its `p_i2t` and `p_t2i` are each uniform on `[0, 1]` whatever the shape of
-//! the score distribution, and with the default `quantile = 0.5` the mean of
-//! two independent uniforms falls below one half for half of the noisy pairs
-//! (recall ~ 0.5 by construction, more as the two directions correlate); a
+//! the score distribution, so a `quantile` q drops about q of the noisy pairs
+//! (exactly q when the two directions agree, as they do for a wrong pair; the
+//! default 0.7 caught 0.69 +- 0.04 of them at precision 1.00 on the demo
+//! model under 20 % noise over 3 seeds, where 0.5 caught 0.50, docs/results.md); a
 //! right caption, once the model has learned anything, ranks near the top
 //! (`p_i` near 1), so precision rises with training and a clean batch loses
 //! (almost) nothing. The rule only acts once the model is ready: when the
@@ -76,7 +77,7 @@ pub struct AmfConfig {
     /// EMA momentum of the score statistics, per step (default 0.99).
     pub momentum: f64,
     /// Rank rule: drop pairs whose mean rank `p_i` is below this
-    /// (default 0.5: about half of the wrong pairs).
+    /// (default 0.7: about 70 % of the wrong pairs; right pairs rank near 1).
     pub quantile: f64,
     /// Rank rule: act only on batches whose median `p_i` is at least this
     /// (default 0.9: most right pairs outrank nine tenths of their negatives).
@@ -98,7 +99,7 @@ impl Default for AmfConfig {
             lambda: 1.0,
             warmup_steps: 0,
             momentum: 0.99,
-            quantile: 0.5,
+            quantile: 0.7,
             ready_median: 0.9,
             recent_slots: 0,
         }

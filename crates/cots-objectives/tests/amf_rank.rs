@@ -236,19 +236,21 @@ fn run(noise: f64, steps: usize, seed: u64) -> (Option<f64>, Option<f64>, f64) {
 /// up, so a clean pair outranks all of its ~575 negatives (P(a negative
 /// above) ~ 1e-6) and p = 1. A noisy pair's score is itself ~N(0, 1/64),
 /// exchangeable with its negatives, so each of p_i2t and p_t2i is uniform
-/// and, both being monotone in the same score, nearly equal: P(p < 0.5)
-/// = 0.5. Recall pools ~0.2 * 64 * 30 = 384 noisy pairs: binomial sd 0.026,
-/// so [0.4, 0.6] is ~4 sds. Precision: no clean pair can be dropped.
+/// and, both being monotone in the same score, nearly equal: P(p < q) = q
+/// for the default quantile q. Recall pools ~0.2 * 64 * 30 = 384 noisy
+/// pairs: binomial sd <= 0.026, so q +- 0.1 is ~4 sds; the dropped share
+/// of all pairs is 0.2 q +- 0.04. Precision: no clean pair can be dropped.
 /// The batch median is a clean pair's p = 1 (80 % clean) >= 0.9: ready.
 #[test]
 fn rank_rule_drops_noisy_pairs_and_spares_clean_ones() {
+    let q = AmfConfig::default().quantile;
     for seed in [1u64, 2, 3] {
         let (precision, recall, frac) = run(0.2, 30, seed);
         let (precision, recall) = (precision.expect("dropped some"), recall.expect("noisy"));
         eprintln!("seed {seed}: precision {precision:.3} recall {recall:.3} dropped {frac:.3}");
         assert!(precision >= 0.99, "precision {precision}");
-        assert!((0.4..=0.6).contains(&recall), "recall {recall}");
-        assert!((0.06..=0.14).contains(&frac), "dropped fraction {frac}");
+        assert!((recall - q).abs() <= 0.1, "recall {recall}, quantile {q}");
+        assert!((frac - 0.2 * q).abs() <= 0.04, "dropped fraction {frac}");
     }
 }
 
