@@ -6,8 +6,17 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// The workspace root (the parent of this crate's directory).
+///
+/// Read at run time first: `cargo xtask` (an alias of `cargo run`) sets
+/// `CARGO_MANIFEST_DIR` to this checkout's `xtask/`. The compile-time value
+/// is only the fallback, because two checkouts that share a target
+/// directory share one xtask binary (cargo hashes path packages relative to
+/// their workspace), and the baked-in path would be the other checkout's.
 pub fn root() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let here = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
