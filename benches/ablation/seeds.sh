@@ -57,6 +57,11 @@ enabled = false"
 kl="[[objectives.objectives]]
 kind = \"kl\"
 ${KL_OPTS:-}"
+# ITC with the batch's own momentum keys as negatives too (ALBEF), the
+# instance objective of every `*_late*` row.
+itc_ib="[[objectives.objectives]]
+kind = \"itc\"
+in_batch_negatives = true"
 # name | description | objectives TOML
 declare -a names descs
 declare -A toml
@@ -115,31 +120,21 @@ add itc_queue_floor "ITC, momentum keys + $qsize queue, temperature >= $tmin" "$
 [[objectives.objectives]]
 kind = \"itc\""
 add itc_late "ITC, momentum keys in-batch, + $qsize queue from step $start" "$late
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true"
+$itc_ib"
 add itc_late_kl "ITC, momentum keys in-batch, + queue from step $start, + KL" "$late
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+$itc_ib
 $kl"
 add itc_late_floor "ITC, momentum keys in-batch, + queue from step $start, temperature >= $tmin" "$late
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true"
+$itc_ib"
 add itc_late_floor_kl "ITC in-batch + queue from step $start, + KL, temperature >= $tmin" "$late
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+$itc_ib
 $kl"
 
 # The token level on top of ITC + queue from mid-run + KL (temperature
 # floor): masked language modeling only, masked vision modeling only (the
 # visual tokenizer at $DVAE), both. The MVM rows need DVAE=<dir of
 # dvae.json + dvae.safetensors> (`cots train-tokenizer --out DIR`).
-mvlm() { printf '%s\n%s\n[[objectives.objectives]]\nkind = "mvlm"\nmlm = %s\nmvm = %s' "$late" "[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+mvlm() { printf '%s\n%s\n[[objectives.objectives]]\nkind = "mvlm"\nmlm = %s\nmvm = %s' "$late" "$itc_ib
 $kl" "$1" "$2"; }
 add itc_late_floor_kl_mlm "ITC in-batch + queue from step $start, + KL, + MLM, temperature >= $tmin" "$(mvlm true false)"
 add itc_late_floor_kl_mvm "ITC in-batch + queue from step $start, + KL, + MVM, temperature >= $tmin" "$(mvlm false true)"
@@ -154,21 +149,15 @@ enabled = false
 [[objectives.objectives]]
 kind = "clip"'
 add itc_late_floor_kl_noisy "ITC in-batch + queue from step $start, + KL, temperature >= $tmin, 20 % noisy pairs" "$late
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+$itc_ib
 $kl"
 add itc_late_floor_kl_amf_noisy "the same + AMF (rank rule, quantile 0.5), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.5#')
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+$itc_ib
 $kl"
 # The rank rule's `quantile` trades recall for precision: a wrong caption's
 # rank is about uniform, so a quantile q drops about q of them.
 add itc_late_floor_kl_amf_q07_noisy "the same + AMF (rank rule, quantile 0.7, the default), 20 % noisy pairs" "$(printf '%s\n' "$late" | sed 's#^enabled = false#enabled = true\nquantile = 0.7#')
-[[objectives.objectives]]
-kind = \"itc\"
-in_batch_negatives = true
+$itc_ib
 $kl"
 
 selected() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }

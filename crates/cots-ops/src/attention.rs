@@ -32,7 +32,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::fused::{fusable, max_of, reduce, Float};
+use crate::fused::{fusable, max_of, reduce, split_flat, Float};
 use crate::queue_fused::slice_of;
 
 /// Multiply-adds (over all heads) below which the op runs on the calling
@@ -636,12 +636,8 @@ impl CustomOp3 for AttentionOp {
             grad: g,
         };
         let flat = q.apply_op3_no_bwd(k, v, &op)?;
-        let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
-        Ok((
-            Some(flat.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(flat.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(flat.narrow(0, nq + nk, nv)?.reshape(v.shape())?),
-        ))
+        let [dq, dk, dv] = split_flat(&flat, [q, k, v])?;
+        Ok((dq, dk, dv))
     }
 }
 

@@ -264,6 +264,23 @@ fn last_dim(l: &Layout) -> Result<usize> {
     }
 }
 
+/// Splits the flat output of a fused backward op (the gradients of several
+/// inputs, one after the other) into one tensor per input, each with that
+/// input's shape.
+pub(crate) fn split_flat<const N: usize>(
+    flat: &Tensor,
+    like: [&Tensor; N],
+) -> Result<[Option<Tensor>; N]> {
+    let mut start = 0;
+    let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (slot, t) in out.iter_mut().zip(like) {
+        let n = t.elem_count();
+        *slot = Some(flat.narrow(0, start, n)?.reshape(t.shape())?);
+        start += n;
+    }
+    Ok(out)
+}
+
 /// Whether the fused kernels take these tensors: all on the CPU, all f32 or
 /// all f64, all contiguous, none a scalar.
 pub fn fusable(ts: &[&Tensor]) -> bool {
@@ -402,13 +419,9 @@ impl CustomOp3 for LayerNormOp {
         if !fusable(&[x, w, &g]) {
             bail!("fused layer_norm backward: inputs left the CPU or changed dtype");
         }
-        let (n, d) = (x.elem_count(), w.elem_count());
         let flat = x.apply_op3_no_bwd(w, &g, &LayerNormBwdOp { eps: self.eps })?;
-        Ok((
-            Some(flat.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(flat.narrow(0, n, d)?.reshape(w.shape())?),
-            Some(flat.narrow(0, n + d, d)?.reshape(w.shape())?),
-        ))
+        let [dx, dw, db] = split_flat(&flat, [x, w, w])?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -816,15 +829,9 @@ impl CustomOp2 for BiasGeluErfOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let n = x.elem_count();
         let flat = x.apply_op3_no_bwd(bias, &g, &BiasGeluBwdOp)?;
-        Ok((
-            Some(flat.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(
-                flat.narrow(0, n, bias.elem_count())?
-                    .reshape(bias.shape())?,
-            ),
-        ))
+        let [dx, db] = split_flat(&flat, [x, bias])?;
+        Ok((dx, db))
     }
 }
 

@@ -17,7 +17,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, D};
 
-use crate::fused::{fusable, Float};
+use crate::fused::{fusable, split_flat, Float};
 use crate::queue_fused::slice_of;
 
 /// Multiply-adds below which a product runs on the calling thread.
@@ -219,13 +219,9 @@ impl CustomOp3 for LinearOp {
         if !fusable(&[x, w, &g]) {
             bail!("fused linear backward: inputs left the CPU or changed dtype");
         }
-        let (nx, nw, nb) = (x.elem_count(), w.elem_count(), b.elem_count());
         let flat = x.apply_op3_no_bwd(w, &g, &LinearBwdOp)?;
-        Ok((
-            Some(flat.narrow(0, 0, nx)?.reshape(x.shape())?),
-            Some(flat.narrow(0, nx, nw)?.reshape(w.shape())?),
-            Some(flat.narrow(0, nx + nw, nb)?.reshape(b.shape())?),
-        ))
+        let [dx, dw, db] = split_flat(&flat, [x, w, b])?;
+        Ok((dx, dw, db))
     }
 }
 

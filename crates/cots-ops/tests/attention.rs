@@ -9,23 +9,9 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use cots_ops::{attention, attention_packed, attention_reference};
 
-fn randn(shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Tensor::randn(0f64, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)
-}
+mod common;
 
-fn max_abs(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar()
-}
-
-/// Largest `|a - b| / (1 + max|b|)` over the tensor.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    assert_eq!(a.dims(), b.dims());
-    Ok(max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)? / (1.0 + max_abs(b)?))
-}
+use common::{max_abs, randn, rel_err};
 
 /// The additive key mask `[B, 1, 1, Lk]` that `attention_bias` makes: batch
 /// entry `i` keeps its first `Lk - i` keys (entry 0 keeps all, the others

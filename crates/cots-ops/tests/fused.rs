@@ -15,19 +15,9 @@ fn randn(shape: &[usize], scale: f64, shift: f64, dtype: DType) -> Result<Tensor
     ((Tensor::randn(0f64, 1.0, shape, &Device::Cpu)? * scale)? + shift)?.to_dtype(dtype)
 }
 
-fn max_abs(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar()
-}
+mod common;
 
-/// Largest `|a - b| / (1 + max|b|)` over the tensor.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    assert_eq!(a.dims(), b.dims());
-    Ok(max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)? / (1.0 + max_abs(b)?))
-}
+use common::{max_abs, rel_err};
 
 /// Runs `op` and `reference` on the same inputs with the same random
 /// upstream gradient; checks the outputs and every input's gradient agree

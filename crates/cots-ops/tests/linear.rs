@@ -4,26 +4,12 @@
 //! (tight tolerance) and f32, for 1-, 2- and 3-dimensional inputs at sizes
 //! below and above the point where the products go to rayon's pool.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Var};
 use cots_ops::{linear, linear_reference};
 
-fn randn(shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Tensor::randn(0f64, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)
-}
+mod common;
 
-fn max_abs(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar()
-}
-
-/// Largest `|a - b| / (1 + max|b|)` over the tensor.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    assert_eq!(a.dims(), b.dims());
-    Ok(max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)? / (1.0 + max_abs(b)?))
-}
+use common::{max_abs, randn, rel_err};
 
 fn check(x_shape: &[usize], out: usize, dtype: DType, tol: f64) -> Result<()> {
     let inp = *x_shape.last().expect("rank >= 1");
